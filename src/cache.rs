@@ -1,0 +1,334 @@
+//! The hot path: a sharded concurrent map of accounts, each debited with one compare-and-swap
+//! on its spender's lease. No lock is taken and nothing is allocated per debit.
+//!
+//! A [`Pool`] is one spender's lease on this node: credits the store handed over to spend
+//! locally. An [`Account`] is one workspace: it points at the pool it spends from (its own in
+//! budget mode, the Primary's in shared mode) and counts, in atomics, what happened since the
+//! settler last collected (consumed, reserved, committed, released). The settler reports those
+//! counts to the store and tops the pools up.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use crate::model::{OrgId, UsageLine, WorkspaceId};
+
+/// `store_left` before the store has been asked: unknown, so a refusal must ask it.
+pub const STORE_LEFT_UNKNOWN: u64 = u64::MAX;
+
+/// One spender's lease on this node.
+#[derive(Debug)]
+pub struct Pool {
+    /// The workspace whose balance the lease came from.
+    pub spender: WorkspaceId,
+    /// Credits this node may still spend without asking the store.
+    lease: AtomicU64,
+    /// What the store had left for the spender beyond all leases at the last settle, or
+    /// [`STORE_LEFT_UNKNOWN`]. Zero means exhausted: refusals are decided from memory.
+    store_left: AtomicU64,
+}
+
+/// The outcome of taking credits from a lease. A refusal is not an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    /// Taken; `remaining` is what this node knows the spender can still use.
+    Taken { remaining: u64 },
+    /// The lease cannot cover it and the store has nothing more: blocked.
+    Exhausted { remaining: u64 },
+    /// The lease cannot cover it, but the store may have more: ask it.
+    AskStore,
+}
+
+impl Pool {
+    pub fn new(spender: WorkspaceId) -> Self {
+        Pool {
+            spender,
+            lease: AtomicU64::new(0),
+            store_left: AtomicU64::new(STORE_LEFT_UNKNOWN),
+        }
+    }
+
+    pub fn lease(&self) -> u64 {
+        self.lease.load(Ordering::Acquire)
+    }
+
+    pub fn store_left(&self) -> u64 {
+        self.store_left.load(Ordering::Acquire)
+    }
+
+    /// What this node knows the spender can still use.
+    pub fn remaining(&self) -> u64 {
+        let left = self.store_left();
+        let left = if left == STORE_LEFT_UNKNOWN { 0 } else { left };
+        self.lease().saturating_add(left)
+    }
+
+    /// True when the store said it has nothing beyond the leases and this node's is empty.
+    pub fn is_blocked(&self) -> bool {
+        self.store_left() == 0 && self.lease() == 0
+    }
+
+    /// Takes `amount` from the lease, all or nothing: one CAS loop, no lock.
+    pub fn take(&self, amount: u64) -> Take {
+        let mut current = self.lease.load(Ordering::Acquire);
+        loop {
+            if current < amount {
+                return match self.store_left() {
+                    0 => Take::Exhausted { remaining: current },
+                    _ => Take::AskStore,
+                };
+            }
+            match self.lease.compare_exchange_weak(
+                current,
+                current - amount,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    let left = self.store_left();
+                    let left = if left == STORE_LEFT_UNKNOWN { 0 } else { left };
+                    return Take::Taken {
+                        remaining: (current - amount).saturating_add(left),
+                    };
+                }
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Adds credits to the lease (a grant, or credits a reservation gave back).
+    pub fn give(&self, amount: u64) {
+        let before = self.lease.fetch_add(amount, Ordering::AcqRel);
+        debug_assert!(before.checked_add(amount).is_some(), "lease overflow");
+    }
+
+    /// Takes the whole lease, to give it back to the store.
+    pub fn drain(&self) -> u64 {
+        self.lease.swap(0, Ordering::AcqRel)
+    }
+
+    /// Records what the store had left at the last settle.
+    pub fn set_store_left(&self, left: u64) {
+        self.store_left.store(left, Ordering::Release);
+    }
+}
+
+/// One workspace on this node: its pool and what it did since the last collection.
+#[derive(Debug)]
+pub struct Account {
+    pub org: OrgId,
+    pub workspace: WorkspaceId,
+    pub pool: Arc<Pool>,
+    consumed: AtomicU64,
+    reserved: AtomicU64,
+    committed: AtomicU64,
+    released: AtomicU64,
+}
+
+/// What [`Account::debit`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Debit {
+    Allowed {
+        remaining: u64,
+    },
+    Insufficient {
+        remaining: u64,
+    },
+    /// The lease is short but the store may have more: the caller refills and retries.
+    AskStore,
+}
+
+impl Account {
+    pub fn new(org: OrgId, workspace: WorkspaceId, pool: Arc<Pool>) -> Self {
+        Account {
+            org,
+            workspace,
+            pool,
+            consumed: AtomicU64::new(0),
+            reserved: AtomicU64::new(0),
+            committed: AtomicU64::new(0),
+            released: AtomicU64::new(0),
+        }
+    }
+
+    /// Debits `amount` (a debit), or sets it aside (a reservation) when `reserve` is true.
+    pub fn debit(&self, amount: u64, reserve: bool) -> Debit {
+        match self.pool.take(amount) {
+            Take::Taken { remaining } => {
+                let counter = if reserve {
+                    &self.reserved
+                } else {
+                    &self.consumed
+                };
+                counter.fetch_add(amount, Ordering::AcqRel);
+                Debit::Allowed { remaining }
+            }
+            Take::Exhausted { remaining } => Debit::Insufficient { remaining },
+            Take::AskStore => Debit::AskStore,
+        }
+    }
+
+    /// Ends a reservation of `reserved` credits made on this account: `charged` is consumed,
+    /// the rest goes back to the lease it came from.
+    pub fn finish_reservation(&self, reserved: u64, charged: u64) {
+        debug_assert!(charged <= reserved);
+        let back = reserved - charged;
+        self.committed.fetch_add(charged, Ordering::AcqRel);
+        self.released.fetch_add(back, Ordering::AcqRel);
+        self.pool.give(back);
+    }
+
+    /// Takes the counts since the last collection as one usage line (`None` if idle).
+    pub fn collect(&self) -> Option<UsageLine> {
+        let line = UsageLine {
+            workspace: self.workspace.clone(),
+            spender: self.pool.spender.clone(),
+            consumed: self.consumed.swap(0, Ordering::AcqRel),
+            reserved: self.reserved.swap(0, Ordering::AcqRel),
+            committed: self.committed.swap(0, Ordering::AcqRel),
+            released: self.released.swap(0, Ordering::AcqRel),
+        };
+        let idle =
+            line.consumed == 0 && line.reserved == 0 && line.committed == 0 && line.released == 0;
+        (!idle).then_some(line)
+    }
+
+    /// True when something happened that the settler has not collected yet.
+    pub fn has_unreported(&self) -> bool {
+        [
+            &self.consumed,
+            &self.reserved,
+            &self.committed,
+            &self.released,
+        ]
+        .iter()
+        .any(|c| c.load(Ordering::Acquire) > 0)
+    }
+
+    /// Credits this account used or moved that the store has not heard of yet.
+    pub fn unsettled(&self) -> u64 {
+        self.consumed
+            .load(Ordering::Acquire)
+            .saturating_add(self.committed.load(Ordering::Acquire))
+    }
+}
+
+/// Longest key: two ids and a separator.
+const KEY_BYTES_MAX: usize = 2 * crate::model::ID_BYTES_MAX + 1;
+
+/// Builds the map key `org/ws` on the stack. Ids never contain `/`, so keys are unambiguous.
+fn with_key<R>(org: &str, ws: &str, f: impl FnOnce(&str) -> R) -> Option<R> {
+    let len = org.len() + 1 + ws.len();
+    if len > KEY_BYTES_MAX {
+        return None;
+    }
+    let mut buf = [0u8; KEY_BYTES_MAX];
+    buf[..org.len()].copy_from_slice(org.as_bytes());
+    buf[org.len()] = b'/';
+    buf[org.len() + 1..len].copy_from_slice(ws.as_bytes());
+    std::str::from_utf8(&buf[..len]).ok().map(f)
+}
+
+/// Every account this node has loaded, keyed by `org/workspace`.
+#[derive(Debug, Default)]
+pub struct Cache {
+    accounts: DashMap<Box<str>, Arc<Account>>,
+}
+
+impl Cache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Looks an account up without allocating.
+    pub fn get(&self, org: &str, ws: &str) -> Option<Arc<Account>> {
+        with_key(org, ws, |k| {
+            self.accounts.get(k).map(|a| Arc::clone(a.value()))
+        })
+        .flatten()
+    }
+
+    /// Installs or replaces an account.
+    pub fn insert(&self, account: Arc<Account>) {
+        let key = format!("{}/{}", account.org, account.workspace);
+        self.accounts.insert(key.into_boxed_str(), account);
+    }
+
+    /// Removes an account if it is still the one given.
+    pub fn remove(&self, account: &Arc<Account>) {
+        if let Some(()) = with_key(account.org.as_str(), account.workspace.as_str(), |k| {
+            self.accounts.remove_if(k, |_, v| Arc::ptr_eq(v, account));
+        }) {}
+    }
+
+    pub fn len(&self) -> usize {
+        self.accounts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.accounts.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(lease: u64, store_left: u64) -> Account {
+        let pool = Arc::new(Pool::new(WorkspaceId::parse("ws", "ws").unwrap()));
+        pool.give(lease);
+        pool.set_store_left(store_left);
+        Account::new(
+            OrgId::parse("org", "org").unwrap(),
+            WorkspaceId::parse("ws", "ws").unwrap(),
+            pool,
+        )
+    }
+
+    #[test]
+    fn debit_takes_from_the_lease_and_counts_it() {
+        let a = account(10, 0);
+        assert_eq!(a.debit(4, false), Debit::Allowed { remaining: 6 });
+        assert_eq!(a.debit(6, false), Debit::Allowed { remaining: 0 });
+        assert_eq!(a.debit(1, false), Debit::Insufficient { remaining: 0 });
+        let line = a.collect().unwrap();
+        assert_eq!(line.consumed, 10);
+        assert!(a.collect().is_none());
+    }
+
+    #[test]
+    fn a_short_lease_asks_the_store_unless_it_is_exhausted() {
+        assert_eq!(
+            account(1, STORE_LEFT_UNKNOWN).debit(2, false),
+            Debit::AskStore
+        );
+        assert_eq!(account(1, 5).debit(2, false), Debit::AskStore);
+        assert_eq!(
+            account(1, 0).debit(2, false),
+            Debit::Insufficient { remaining: 1 }
+        );
+    }
+
+    #[test]
+    fn reservations_move_credits_back_to_the_lease() {
+        let a = account(10, 0);
+        assert_eq!(a.debit(8, true), Debit::Allowed { remaining: 2 });
+        a.finish_reservation(8, 3);
+        assert_eq!(a.pool.lease(), 7);
+        let line = a.collect().unwrap();
+        assert_eq!(
+            (line.reserved, line.committed, line.released, line.consumed),
+            (8, 3, 5, 0)
+        );
+    }
+
+    #[test]
+    fn keys_are_built_without_ambiguity() {
+        let cache = Cache::new();
+        cache.insert(Arc::new(account(1, 0)));
+        assert!(cache.get("org", "ws").is_some());
+        assert!(cache.get("org/ws", "").is_none());
+        assert!(cache.get(&"o".repeat(64), &"w".repeat(65)).is_none());
+    }
+}

@@ -1,0 +1,473 @@
+//! Configuration: defaults, then `config/default.toml`-style file, then `CREDITD_*` environment
+//! variables; parsed, then validated before any port is bound. Unknown keys and bad values are
+//! refused with every problem named at once (the binary exits with 64, `EX_USAGE`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::model::{is_valid_id, NodeId};
+
+/// Exit code for a bad configuration (`EX_USAGE` of sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8787";
+pub const DEFAULT_DATA_DIR: &str = "./creditd-data";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub const DEFAULT_NODE_ID: &str = "node-1";
+pub const DEFAULT_SETTLE_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_LEASE_WAIT_MAX: Duration = Duration::from_millis(500);
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+pub const DEFAULT_BODY_BYTES_MAX: usize = 64 * 1024;
+pub const DEFAULT_ACCOUNTS_MAX: usize = 1_000_000;
+pub const DEFAULT_WORKSPACES_MAX: usize = 10_000;
+pub const DEFAULT_IDEMPOTENCY_KEYS_MAX: usize = 1_000_000;
+pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_RESERVATIONS_MAX: usize = 100_000;
+pub const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(60);
+pub const DEFAULT_RESERVATION_TTL_MAX: Duration = Duration::from_secs(3600);
+pub const DEFAULT_CONNECTIONS_MAX: usize = 4096;
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_AUTHORIZE_DENY_STATUS: u16 = 403;
+pub const DEFAULT_LEDGER_PAGE_MAX: usize = 1000;
+pub const DEFAULT_SETTLE_BATCH_ORGS_MAX: usize = 256;
+
+/// API.md: the connection limit is at least 1,024 by default.
+const _: () = assert!(DEFAULT_CONNECTIONS_MAX >= 1024);
+const _: () =
+    assert!(DEFAULT_RESERVATION_TTL.as_millis() <= DEFAULT_RESERVATION_TTL_MAX.as_millis());
+
+/// Which store keeps the truth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Embedded,
+    Redis,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Every setting, with its unit in its name or type.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the HTTP server binds (loopback by default: creditd sits beside the gateway).
+    pub listen: SocketAddr,
+    pub store: StoreKind,
+    /// Folder of the embedded store's database.
+    pub data_dir: PathBuf,
+    /// `redis://` URL, or comma-separated seed URLs of a Redis Cluster.
+    pub redis_url: String,
+    /// This node's id in a cluster: leases and settle batches are kept per node.
+    pub node_id: String,
+    /// Bearer token of the control plane; without one the control plane refuses every call.
+    pub admin_token: Option<String>,
+    /// How often the settler reports usage to the store and tops up leases.
+    #[serde(deserialize_with = "de_duration")]
+    pub settle_interval: Duration,
+    /// Longest a debit waits for the store when its lease is short; then `503`.
+    #[serde(deserialize_with = "de_duration")]
+    pub lease_wait_max: Duration,
+    /// A node that has not settled for this long loses its leases (cluster only).
+    #[serde(deserialize_with = "de_duration")]
+    pub lease_ttl: Duration,
+    pub body_bytes_max: usize,
+    /// Accounts (org, workspace) kept in this node's cache.
+    pub accounts_max: usize,
+    /// Workspaces one org may have.
+    pub workspaces_max: usize,
+    /// Idempotency keys remembered (per node for debits and reservations; per store for
+    /// purchases and transfers).
+    pub idempotency_keys_max: usize,
+    #[serde(deserialize_with = "de_duration")]
+    pub idempotency_ttl: Duration,
+    pub reservations_max: usize,
+    /// TTL of a reservation that does not give `ttl_ms`.
+    #[serde(deserialize_with = "de_duration")]
+    pub reservation_ttl: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub reservation_ttl_max: Duration,
+    pub connections_max: usize,
+    /// A connection that has not delivered a whole request head and body within this is closed.
+    #[serde(deserialize_with = "de_duration")]
+    pub header_read_timeout: Duration,
+    /// How long a stopping node lets open connections finish.
+    #[serde(deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
+    /// Status of a `/v1/authorize` denial: 403 (nginx understands it), 402 or 429.
+    pub authorize_deny_status: u16,
+    pub ledger_page_max: usize,
+    /// Orgs settled in one store call.
+    pub settle_batch_orgs_max: usize,
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("DEFAULT_LISTEN is a valid address"),
+            store: StoreKind::Embedded,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            redis_url: DEFAULT_REDIS_URL.to_string(),
+            node_id: DEFAULT_NODE_ID.to_string(),
+            admin_token: None,
+            settle_interval: DEFAULT_SETTLE_INTERVAL,
+            lease_wait_max: DEFAULT_LEASE_WAIT_MAX,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            body_bytes_max: DEFAULT_BODY_BYTES_MAX,
+            accounts_max: DEFAULT_ACCOUNTS_MAX,
+            workspaces_max: DEFAULT_WORKSPACES_MAX,
+            idempotency_keys_max: DEFAULT_IDEMPOTENCY_KEYS_MAX,
+            idempotency_ttl: DEFAULT_IDEMPOTENCY_TTL,
+            reservations_max: DEFAULT_RESERVATIONS_MAX,
+            reservation_ttl: DEFAULT_RESERVATION_TTL,
+            reservation_ttl_max: DEFAULT_RESERVATION_TTL_MAX,
+            connections_max: DEFAULT_CONNECTIONS_MAX,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            authorize_deny_status: DEFAULT_AUTHORIZE_DENY_STATUS,
+            ledger_page_max: DEFAULT_LEDGER_PAGE_MAX,
+            settle_batch_orgs_max: DEFAULT_SETTLE_BATCH_ORGS_MAX,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// The type of a key, to read its environment variable.
+#[derive(Clone, Copy)]
+enum Kind {
+    Str,
+    Int,
+}
+
+/// Every key, for environment overrides (`CREDITD_<KEY>`).
+const KEYS: &[(&str, Kind)] = &[
+    ("listen", Kind::Str),
+    ("store", Kind::Str),
+    ("data_dir", Kind::Str),
+    ("redis_url", Kind::Str),
+    ("node_id", Kind::Str),
+    ("admin_token", Kind::Str),
+    ("settle_interval", Kind::Str),
+    ("lease_wait_max", Kind::Str),
+    ("lease_ttl", Kind::Str),
+    ("body_bytes_max", Kind::Int),
+    ("accounts_max", Kind::Int),
+    ("workspaces_max", Kind::Int),
+    ("idempotency_keys_max", Kind::Int),
+    ("idempotency_ttl", Kind::Str),
+    ("reservations_max", Kind::Int),
+    ("reservation_ttl", Kind::Str),
+    ("reservation_ttl_max", Kind::Str),
+    ("connections_max", Kind::Int),
+    ("header_read_timeout", Kind::Str),
+    ("shutdown_grace", Kind::Str),
+    ("authorize_deny_status", Kind::Int),
+    ("ledger_page_max", Kind::Int),
+    ("settle_batch_orgs_max", Kind::Int),
+    ("log_format", Kind::Str),
+];
+
+/// Environment variables that are not settings.
+const ENV_NOT_KEYS: &[&str] = &["CREDITD_CONFIG"];
+
+/// Every problem found, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigError(pub Vec<String>);
+
+/// Parses a duration such as `250ms`, `5s`, `2m`, `24h`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => None,
+    }?;
+    Some(Duration::from_millis(ms))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "`{s}` is not a duration such as 250ms, 5s, 2m or 24h"
+        ))
+    })
+}
+
+impl Config {
+    /// Loads the file (if any), applies `CREDITD_*` variables from `env`, and validates.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut errors = Vec::new();
+        let mut table = match file {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => match text.parse::<toml::Table>() {
+                    Ok(t) => t,
+                    Err(e) => return Err(ConfigError(vec![format!("{}: {e}", path.display())])),
+                },
+                Err(e) => {
+                    return Err(ConfigError(vec![format!(
+                        "cannot read {}: {e}",
+                        path.display()
+                    )]))
+                }
+            },
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix("CREDITD_") else {
+                continue;
+            };
+            if ENV_NOT_KEYS.contains(&name.as_str()) {
+                continue;
+            }
+            let key = key.to_ascii_lowercase();
+            match KEYS.iter().find(|(k, _)| *k == key) {
+                None => errors.push(format!("{name}: unknown setting `{key}`")),
+                Some((_, Kind::Str)) => {
+                    table.insert(key, toml::Value::String(value));
+                }
+                Some((_, Kind::Int)) => match value.trim().parse::<i64>() {
+                    Ok(n) => {
+                        table.insert(key, toml::Value::Integer(n));
+                    }
+                    Err(_) => errors.push(format!("{name}: `{value}` is not an integer")),
+                },
+            }
+        }
+        // Deserialize key by key so that every bad key is reported, not just the first.
+        for (key, value) in &table {
+            if !KEYS.iter().any(|(k, _)| k == key) {
+                errors.push(format!("{key}: unknown setting"));
+                continue;
+            }
+            let mut one = toml::Table::new();
+            one.insert(key.clone(), value.clone());
+            if let Err(e) = toml::Value::Table(one).try_into::<Config>() {
+                errors.push(format!("{key}: {}", e.message().trim()));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigError(errors));
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| ConfigError(vec![e.to_string()]))?;
+        config.validate()
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let mut errors = Vec::new();
+        let mut check = |ok: bool, msg: String| {
+            if !ok {
+                errors.push(msg)
+            }
+        };
+        let ms = |d: Duration| d.as_millis();
+        check(
+            (10..=3_600_000).contains(&ms(self.settle_interval)),
+            "settle_interval: must be from 10ms to 1h".into(),
+        );
+        check(
+            (1..=60_000).contains(&ms(self.lease_wait_max)),
+            "lease_wait_max: must be from 1ms to 60s".into(),
+        );
+        check(
+            self.lease_ttl > self.settle_interval * 2,
+            "lease_ttl: must be more than twice settle_interval".into(),
+        );
+        check(
+            (1..=16 * 1024 * 1024).contains(&self.body_bytes_max),
+            "body_bytes_max: must be from 1 to 16777216".into(),
+        );
+        check(
+            self.accounts_max >= 1,
+            "accounts_max: must be at least 1".into(),
+        );
+        check(
+            self.workspaces_max >= 1,
+            "workspaces_max: must be at least 1".into(),
+        );
+        check(
+            self.idempotency_keys_max >= 1,
+            "idempotency_keys_max: must be at least 1".into(),
+        );
+        check(
+            ms(self.idempotency_ttl) >= 1000,
+            "idempotency_ttl: must be at least 1s".into(),
+        );
+        check(
+            self.reservations_max >= 1,
+            "reservations_max: must be at least 1".into(),
+        );
+        check(
+            ms(self.reservation_ttl) >= 1 && self.reservation_ttl <= self.reservation_ttl_max,
+            "reservation_ttl: must be from 1ms to reservation_ttl_max".into(),
+        );
+        check(
+            self.connections_max >= 1,
+            "connections_max: must be at least 1".into(),
+        );
+        check(
+            (1..=600_000).contains(&ms(self.header_read_timeout)),
+            "header_read_timeout: must be from 1ms to 10m".into(),
+        );
+        check(
+            ms(self.shutdown_grace) <= 600_000,
+            "shutdown_grace: must be at most 10m".into(),
+        );
+        check(
+            matches!(self.authorize_deny_status, 402 | 403 | 429),
+            format!(
+                "authorize_deny_status: must be 402, 403 or 429, not {}",
+                self.authorize_deny_status
+            ),
+        );
+        check(
+            (1..=100_000).contains(&self.ledger_page_max),
+            "ledger_page_max: must be from 1 to 100000".into(),
+        );
+        check(
+            self.settle_batch_orgs_max >= 1,
+            "settle_batch_orgs_max: must be at least 1".into(),
+        );
+        check(
+            is_valid_id(&self.node_id),
+            "node_id: must be 1 to 64 characters of A-Z a-z 0-9 . _ : -".into(),
+        );
+        if let Some(token) = &self.admin_token {
+            check(
+                !token.is_empty(),
+                "admin_token: must not be empty (leave it unset to turn the control plane off)"
+                    .into(),
+            );
+        }
+        if self.store == StoreKind::Redis {
+            let urls_ok = self
+                .redis_url
+                .split(',')
+                .all(|u| u.trim().starts_with("redis://") || u.trim().starts_with("rediss://"));
+            check(
+                urls_ok,
+                format!(
+                    "redis_url: `{}` is not a redis:// URL or list of them",
+                    self.redis_url
+                ),
+            );
+        }
+        if errors.is_empty() {
+            Ok(self)
+        } else {
+            Err(ConfigError(errors))
+        }
+    }
+
+    /// The node id as a typed id (validated by [`Config::validate`]).
+    pub fn node(&self) -> NodeId {
+        NodeId::parse(&self.node_id, "node_id").unwrap_or_else(|_| {
+            NodeId::parse(DEFAULT_NODE_ID, "node_id").expect("DEFAULT_NODE_ID is a valid id")
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_shipped_default_file_matches_the_built_in_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        let from_file = Config::load(Some(&path), Vec::new()).unwrap();
+        let built_in = Config::default();
+        assert_eq!(format!("{from_file:?}"), format!("{built_in:?}"));
+    }
+
+    #[test]
+    fn every_key_is_listed_for_the_environment() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        for (key, _) in KEYS {
+            assert!(
+                text.contains(&format!("{key} =")) || text.contains(&format!("# {key} =")),
+                "{key} undocumented"
+            );
+        }
+    }
+
+    #[test]
+    fn environment_overrides_and_durations_parse() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("CREDITD_SETTLE_INTERVAL", "250ms"),
+                ("CREDITD_BODY_BYTES_MAX", "1024"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.settle_interval, Duration::from_millis(250));
+        assert_eq!(c.body_bytes_max, 1024);
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("2"), None);
+        assert_eq!(parse_duration("ms"), None);
+    }
+
+    #[test]
+    fn every_bad_key_is_named_at_once() {
+        let err = Config::load(
+            None,
+            env(&[
+                ("CREDITD_BODY_BYTES_MAX", "lots"),
+                ("CREDITD_NO_SUCH_THING", "1"),
+                ("CREDITD_SETTLE_INTERVAL", "fast"),
+            ]),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("CREDITD_BODY_BYTES_MAX"), "{text}");
+        assert!(text.contains("no_such_thing"), "{text}");
+        assert!(text.contains("settle_interval"), "{text}");
+    }
+
+    #[test]
+    fn values_out_of_range_are_refused() {
+        let err = Config::load(
+            None,
+            env(&[
+                ("CREDITD_AUTHORIZE_DENY_STATUS", "500"),
+                ("CREDITD_NODE_ID", "a b"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("authorize_deny_status"), "{err}");
+        assert!(err.contains("node_id"), "{err}");
+    }
+}

@@ -1,0 +1,129 @@
+//! The `creditd` binary: parse the command line, load the configuration, start tracing and
+//! metrics, run until SIGTERM/SIGINT, exit with a meaningful code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use creditd::config::{Config, LogFormat, EXIT_CONFIG};
+use creditd::server::Server;
+
+#[derive(Parser)]
+#[command(
+    name = "creditd",
+    version,
+    about = "Credit-metering sidecar for API gateways"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default). Without --config it runs the embedded single-node default.
+    Serve {
+        /// A TOML file like config/default.toml; CREDITD_* variables override it.
+        #[arg(long, env = "CREDITD_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Exit 0 if the node at CREDITD_LISTEN answers /readyz with 200 (for container health checks).
+    Healthcheck {
+        #[arg(long, env = "CREDITD_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load(config: Option<PathBuf>) -> Result<Config, ExitCode> {
+    Config::load(config.as_deref(), std::env::vars()).map_err(|e| {
+        eprintln!("creditd: {e}");
+        ExitCode::from(EXIT_CONFIG as u8)
+    })
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("creditd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve { config: None }) {
+        Command::Serve { config } => {
+            let config = match load(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            runtime.block_on(serve(config))
+        }
+        Command::Healthcheck { config } => {
+            let config = match load(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            runtime.block_on(creditd::cli::healthcheck(&config))
+        }
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    init_tracing(config.log_format);
+    let metrics = match creditd::metrics::install() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the metrics recorder");
+            return ExitCode::FAILURE;
+        }
+    };
+    let server = match Server::start(config, metrics).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    wait_for_signal().await;
+    tracing::info!("stopping: draining connections, settling, returning leases");
+    match server.shutdown().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "stopped with unsettled state");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! The rules of the product as plain types and pure functions: no I/O, no clock, no tokio.
+
+mod ids;
+mod org;
+
+pub use ids::{
+    is_valid_id, Amount, InvalidInput, NodeId, OrgId, WorkspaceId, AMOUNT_MAX, ID_BYTES_MAX,
+};
+pub use org::{
+    LedgerEvent, Mode, NodeShare, OrgRecord, OrgView, PriorLife, RuleError, SettleBatch,
+    SettleReply, UsageLine, WorkspaceRecord, WorkspaceView,
+};

@@ -1,0 +1,752 @@
+//! One org's truth and the product's rules over it, as pure functions: no I/O, no clock, no
+//! tokio. Both stores keep exactly this record; the embedded store calls these functions and the
+//! Redis store's Lua scripts implement the same rules (the shared test suite holds them to it).
+//!
+//! Where credits can be, for one org (rule 7 of API.md):
+//! `purchased == Σ balance + Σ leases + Σ held + used`, where
+//! - `balance` is what a workspace holds that no node has leased,
+//! - `leases` are credits handed to a node to spend locally (they still belong to the workspace
+//!   they came from, and the org view counts them there),
+//! - `held` are credits set aside by a node's open reservations,
+//! - `used` is every credit consumed, deleted workspaces included.
+//!
+//! Every mutating operation works on a copy and replaces `self` only when it succeeded, so a
+//! refused operation changes nothing.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::ids::{Amount, NodeId, OrgId, WorkspaceId};
+
+/// How the workspaces of an org spend (see the product definition).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Every workspace spends from the Primary's balance.
+    Shared,
+    /// Every workspace spends only its own balance.
+    Budget,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Shared => "shared",
+            Mode::Budget => "budget",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "shared" => Some(Mode::Shared),
+            "budget" => Some(Mode::Budget),
+            _ => None,
+        }
+    }
+}
+
+/// A rule the operation would break; nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error("unknown workspace {0}")]
+    UnknownWorkspace(WorkspaceId),
+    #[error("workspace {0} already exists")]
+    WorkspaceExists(WorkspaceId),
+    #[error("the Primary Workspace {0} cannot be deleted")]
+    PrimaryWorkspace(WorkspaceId),
+    #[error("transfers are allowed in budget mode only; this org is in {} mode", .0.as_str())]
+    WrongMode(Mode),
+    #[error("from and to must be different workspaces")]
+    SameWorkspace,
+    #[error("workspace {workspace} has {available} credits, fewer than {wanted}")]
+    InsufficientCredits {
+        workspace: WorkspaceId,
+        available: u64,
+        wanted: u64,
+    },
+    /// The credits exist but some are leased to nodes: the caller recalls leases and retries.
+    #[error("{leased} credits of {workspace} are leased to nodes; recall them first")]
+    LeasesOutstanding { workspace: WorkspaceId, leased: u64 },
+    #[error("credit arithmetic would overflow")]
+    Overflow,
+    /// A settle batch that does not fit the store's books (a bug or a forged batch).
+    #[error("settle batch refused: {0}")]
+    BatchRefused(String),
+    /// A batch from an earlier life (epoch) of the node: ignored, never applied.
+    #[error("settle batch from epoch {batch} but node is at epoch {current}")]
+    StaleEpoch { batch: u64, current: u64 },
+}
+
+/// What a workspace holds that no node has leased, and what it consumed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceRecord {
+    pub balance: u64,
+    pub used: u64,
+}
+
+/// What one node holds of an org, and where its settle stream stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeShare {
+    /// Credits leased to the node, by spender (the workspace whose balance they came from).
+    pub leases: BTreeMap<WorkspaceId, u64>,
+    /// Credits held by the node's open reservations, by workspace.
+    pub held: BTreeMap<WorkspaceId, u64>,
+    /// The node's life: a restarted node takes a higher epoch.
+    pub epoch: u64,
+    /// Sequence number of the last batch applied in this epoch.
+    pub seq: u64,
+    /// Grants of the last applied batch, answered again if that batch is retried.
+    pub last_grants: Vec<(WorkspaceId, u64)>,
+    /// Store time (ms) of the node's last settle: its heartbeat for lease expiry.
+    pub seen_ms: u64,
+}
+
+impl NodeShare {
+    fn is_empty(&self) -> bool {
+        self.leases.values().all(|&v| v == 0) && self.held.values().all(|&v| v == 0)
+    }
+}
+
+/// One org: its mode, its workspaces, what each node holds, and its counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrgRecord {
+    pub org: OrgId,
+    pub mode: Mode,
+    pub primary: WorkspaceId,
+    /// Every credit ever added.
+    pub purchased: u64,
+    /// Credits consumed by workspaces that were deleted since.
+    pub used_deleted: u64,
+    pub workspaces: BTreeMap<WorkspaceId, WorkspaceRecord>,
+    pub nodes: BTreeMap<NodeId, NodeShare>,
+    /// Change epoch: bumped by every control-plane change, returned on every settle so that
+    /// nodes notice changes made through other nodes.
+    pub version: u64,
+}
+
+/// Something that happened to an org, as kept in its ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LedgerEvent {
+    OrgCreated {
+        mode: Mode,
+        primary: WorkspaceId,
+    },
+    Purchase {
+        workspace: WorkspaceId,
+        amount: u64,
+    },
+    Transfer {
+        from: WorkspaceId,
+        to: WorkspaceId,
+        amount: u64,
+    },
+    WorkspaceCreated {
+        workspace: WorkspaceId,
+    },
+    WorkspaceDeleted {
+        workspace: WorkspaceId,
+        returned_to_primary: u64,
+    },
+    ModeChanged {
+        from: Mode,
+        to: Mode,
+    },
+    Sweep {
+        workspace: WorkspaceId,
+        to: WorkspaceId,
+        amount: u64,
+    },
+    Usage {
+        node: NodeId,
+        workspace: WorkspaceId,
+        amount: u64,
+    },
+    LeaseExpired {
+        node: NodeId,
+        workspace: WorkspaceId,
+        amount: u64,
+    },
+    LeaseReturned {
+        node: NodeId,
+        workspace: WorkspaceId,
+        amount: u64,
+    },
+}
+
+/// What one node reports for one workspace since its last batch. All fields are increments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageLine {
+    pub workspace: WorkspaceId,
+    /// The spender whose lease paid: the workspace itself in budget mode, the Primary in shared.
+    pub spender: WorkspaceId,
+    /// Debited straight from the lease.
+    pub consumed: u64,
+    /// Moved from the lease into reservations.
+    pub reserved: u64,
+    /// Charged from reservations.
+    pub committed: u64,
+    /// Given back from reservations into the lease.
+    pub released: u64,
+}
+
+/// One node's settle call for one org: usage, lease given back, lease wanted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettleBatch {
+    pub node: NodeId,
+    pub epoch: u64,
+    pub seq: u64,
+    pub lines: Vec<UsageLine>,
+    /// Unspent lease given back, by spender.
+    pub release: Vec<(WorkspaceId, u64)>,
+    /// Lease wanted, by spender; the store grants what it can.
+    pub want: Vec<(WorkspaceId, u64)>,
+}
+
+impl SettleBatch {
+    /// True when the batch changes nothing but the heartbeat.
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty() && self.release.is_empty() && self.want.is_empty()
+    }
+}
+
+/// The store's answer to a settle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettleReply {
+    /// False when the batch had been applied before (a retry): nothing changed this time.
+    pub applied: bool,
+    /// Lease granted, by spender (for a retry: the grants of the first application).
+    pub grants: Vec<(WorkspaceId, u64)>,
+    /// The org's change epoch after the batch.
+    pub version: u64,
+}
+
+/// What happens to what a node held when its life ends without a clean stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PriorLife {
+    /// Give it back to the balances: right when the node was the only spender (embedded store),
+    /// since nobody else could have spent it. Its unsettled usage is lost (under-charged).
+    ReturnToBalance,
+    /// Count it as consumed (`lease_expired`): right in a cluster, where the node may have
+    /// spent it and nobody may spend it twice.
+    CountAsConsumed,
+}
+
+/// A workspace as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceView {
+    pub workspace: WorkspaceId,
+    pub primary: bool,
+    pub balance: u64,
+    pub held: u64,
+    pub used: u64,
+}
+
+/// An org as the API shows it: leases are folded back into the balances they came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrgView {
+    pub org: OrgId,
+    pub mode: Mode,
+    pub primary: WorkspaceId,
+    pub purchased: u64,
+    pub total_credits: u64,
+    pub held: u64,
+    pub used: u64,
+    pub workspaces: Vec<WorkspaceView>,
+}
+
+impl OrgView {
+    pub fn workspace(&self, ws: &str) -> Option<&WorkspaceView> {
+        self.workspaces.iter().find(|w| w.workspace.as_str() == ws)
+    }
+}
+
+fn add(a: u64, b: u64) -> Result<u64, RuleError> {
+    a.checked_add(b).ok_or(RuleError::Overflow)
+}
+
+fn sub(a: u64, b: u64, what: &str) -> Result<u64, RuleError> {
+    a.checked_sub(b)
+        .ok_or_else(|| RuleError::BatchRefused(format!("{what} would go negative")))
+}
+
+impl OrgRecord {
+    /// A new org holding only its Primary Workspace, with no credits.
+    pub fn new(org: OrgId, mode: Mode, primary: WorkspaceId) -> (Self, LedgerEvent) {
+        let mut workspaces = BTreeMap::new();
+        workspaces.insert(primary.clone(), WorkspaceRecord::default());
+        let record = OrgRecord {
+            org,
+            mode,
+            primary: primary.clone(),
+            purchased: 0,
+            used_deleted: 0,
+            workspaces,
+            nodes: BTreeMap::new(),
+            version: 1,
+        };
+        (record, LedgerEvent::OrgCreated { mode, primary })
+    }
+
+    /// The workspace whose balance `ws` spends from under the current mode, if `ws` exists.
+    pub fn spender_of<'a>(&'a self, ws: &'a WorkspaceId) -> Option<&'a WorkspaceId> {
+        if !self.workspaces.contains_key(ws) {
+            return None;
+        }
+        Some(match self.mode {
+            Mode::Shared => &self.primary,
+            Mode::Budget => ws,
+        })
+    }
+
+    /// Where credits given back for `spender` go now: the spender itself if it still spends for
+    /// itself, else the Primary (deleted workspace, or shared mode).
+    fn home_of(&self, spender: &WorkspaceId) -> WorkspaceId {
+        match self.spender_of(spender) {
+            Some(s) => s.clone(),
+            None => self.primary.clone(),
+        }
+    }
+
+    /// Credits of `ws` leased to all nodes.
+    pub fn leased(&self, ws: &WorkspaceId) -> u64 {
+        self.nodes.values().filter_map(|n| n.leases.get(ws)).sum()
+    }
+
+    fn ws_mut(&mut self, ws: &WorkspaceId) -> Result<&mut WorkspaceRecord, RuleError> {
+        self.workspaces
+            .get_mut(ws)
+            .ok_or_else(|| RuleError::UnknownWorkspace(ws.clone()))
+    }
+
+    fn balance_of(&self, ws: &WorkspaceId) -> Result<u64, RuleError> {
+        self.workspaces
+            .get(ws)
+            .map(|w| w.balance)
+            .ok_or_else(|| RuleError::UnknownWorkspace(ws.clone()))
+    }
+
+    /// Rule 1: purchased credits land in the Primary.
+    pub fn purchase(&mut self, amount: Amount) -> Result<LedgerEvent, RuleError> {
+        let purchased = add(self.purchased, amount.get())?;
+        let primary = self.primary.clone();
+        let ws = self.ws_mut(&primary)?;
+        ws.balance = add(ws.balance, amount.get())?;
+        self.purchased = purchased;
+        self.version += 1;
+        Ok(LedgerEvent::Purchase {
+            workspace: primary,
+            amount: amount.get(),
+        })
+    }
+
+    pub fn create_workspace(&mut self, ws: WorkspaceId) -> Result<LedgerEvent, RuleError> {
+        if self.workspaces.contains_key(&ws) {
+            return Err(RuleError::WorkspaceExists(ws));
+        }
+        self.workspaces
+            .insert(ws.clone(), WorkspaceRecord::default());
+        self.version += 1;
+        Ok(LedgerEvent::WorkspaceCreated { workspace: ws })
+    }
+
+    /// Checks a transfer (rule 3) without applying it. Leased credits of the source must be
+    /// recalled first: a transfer only moves what no node can be spending.
+    pub fn check_transfer(
+        &self,
+        from: &WorkspaceId,
+        to: &WorkspaceId,
+        amount: Amount,
+    ) -> Result<(), RuleError> {
+        if self.mode != Mode::Budget {
+            return Err(RuleError::WrongMode(self.mode));
+        }
+        if from == to {
+            return Err(RuleError::SameWorkspace);
+        }
+        let available = self.balance_of(from)?;
+        let to_balance = self.balance_of(to)?;
+        add(to_balance, amount.get())?;
+        if available < amount.get() {
+            let leased = self.leased(from);
+            if add(available, leased)? >= amount.get() {
+                return Err(RuleError::LeasesOutstanding {
+                    workspace: from.clone(),
+                    leased,
+                });
+            }
+            return Err(RuleError::InsufficientCredits {
+                workspace: from.clone(),
+                available: available + leased,
+                wanted: amount.get(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Rule 3: move credits between two workspaces of a budget-mode org.
+    pub fn transfer(
+        &mut self,
+        from: &WorkspaceId,
+        to: &WorkspaceId,
+        amount: Amount,
+    ) -> Result<LedgerEvent, RuleError> {
+        self.check_transfer(from, to, amount)?;
+        self.ws_mut(from)?.balance -= amount.get();
+        self.ws_mut(to)?.balance += amount.get();
+        self.version += 1;
+        Ok(LedgerEvent::Transfer {
+            from: from.clone(),
+            to: to.clone(),
+            amount: amount.get(),
+        })
+    }
+
+    /// Rule 5: a deleted workspace's credits return to the Primary; the Primary stays.
+    /// Returns the credits returned.
+    pub fn delete_workspace(&mut self, ws: &WorkspaceId) -> Result<(u64, LedgerEvent), RuleError> {
+        if *ws == self.primary {
+            return Err(RuleError::PrimaryWorkspace(ws.clone()));
+        }
+        let record = self
+            .workspaces
+            .get(ws)
+            .ok_or_else(|| RuleError::UnknownWorkspace(ws.clone()))?;
+        let leased = self.leased(ws);
+        if leased > 0 {
+            return Err(RuleError::LeasesOutstanding {
+                workspace: ws.clone(),
+                leased,
+            });
+        }
+        let (returned, used) = (record.balance, record.used);
+        let used_deleted = add(self.used_deleted, used)?;
+        let primary = self.primary.clone();
+        let p = self.ws_mut(&primary)?;
+        p.balance = add(p.balance, returned)?;
+        self.used_deleted = used_deleted;
+        self.workspaces.remove(ws);
+        self.version += 1;
+        Ok((
+            returned,
+            LedgerEvent::WorkspaceDeleted {
+                workspace: ws.clone(),
+                returned_to_primary: returned,
+            },
+        ))
+    }
+
+    /// Rule 6: budget → shared sweeps every other balance into the Primary; shared → budget
+    /// moves nothing. Setting the current mode again changes nothing and records nothing.
+    pub fn set_mode(&mut self, mode: Mode) -> Result<Vec<LedgerEvent>, RuleError> {
+        if mode == self.mode {
+            return Ok(Vec::new());
+        }
+        let mut events = vec![LedgerEvent::ModeChanged {
+            from: self.mode,
+            to: mode,
+        }];
+        if mode == Mode::Shared {
+            for ws in self.workspaces.keys().filter(|w| **w != self.primary) {
+                let leased = self.leased(ws);
+                if leased > 0 {
+                    return Err(RuleError::LeasesOutstanding {
+                        workspace: ws.clone(),
+                        leased,
+                    });
+                }
+            }
+            let mut swept = 0u64;
+            for (ws, record) in self
+                .workspaces
+                .iter_mut()
+                .filter(|(w, _)| **w != self.primary)
+            {
+                if record.balance > 0 {
+                    events.push(LedgerEvent::Sweep {
+                        workspace: ws.clone(),
+                        to: self.primary.clone(),
+                        amount: record.balance,
+                    });
+                    swept = add(swept, record.balance)?;
+                    record.balance = 0;
+                }
+            }
+            let primary = self.primary.clone();
+            let p = self.ws_mut(&primary)?;
+            p.balance = add(p.balance, swept)?;
+        }
+        self.mode = mode;
+        self.version += 1;
+        Ok(events)
+    }
+
+    /// Applies one node's settle batch: usage, lease given back, lease granted. A batch already
+    /// applied (same node, epoch and sequence number or lower) changes nothing and is answered
+    /// with its first grants; a batch from an older epoch is refused. A batch from a newer epoch
+    /// first closes the node's previous life as `prior_life` says.
+    pub fn settle(
+        &mut self,
+        batch: &SettleBatch,
+        now_ms: u64,
+        prior_life: PriorLife,
+    ) -> Result<(SettleReply, Vec<LedgerEvent>), RuleError> {
+        let mut events = Vec::new();
+        if let Some(share) = self.nodes.get(&batch.node) {
+            if batch.epoch < share.epoch {
+                return Err(RuleError::StaleEpoch {
+                    batch: batch.epoch,
+                    current: share.epoch,
+                });
+            }
+            if batch.epoch == share.epoch && batch.seq <= share.seq {
+                let reply = SettleReply {
+                    applied: false,
+                    grants: if batch.seq == share.seq {
+                        share.last_grants.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    version: self.version,
+                };
+                return Ok((reply, events));
+            }
+        }
+        let mut next = self.clone();
+        let is_new_life = next
+            .nodes
+            .get(&batch.node)
+            .is_some_and(|s| s.epoch < batch.epoch);
+        if is_new_life {
+            events.extend(next.close_node(&batch.node, prior_life)?);
+        }
+        let mut share = next.nodes.remove(&batch.node).unwrap_or_default();
+        share.epoch = batch.epoch;
+        share.seq = batch.seq;
+        share.seen_ms = now_ms;
+
+        for line in &batch.lines {
+            let lease = share.leases.entry(line.spender.clone()).or_default();
+            let credit = add(*lease, line.released)?;
+            *lease = sub(credit, add(line.consumed, line.reserved)?, "lease")?;
+            let held = share.held.entry(line.workspace.clone()).or_default();
+            *held = sub(
+                add(*held, line.reserved)?,
+                add(line.committed, line.released)?,
+                "held",
+            )?;
+            let used = add(line.consumed, line.committed)?;
+            if used > 0 {
+                match next.workspaces.get_mut(&line.workspace) {
+                    Some(w) => w.used = add(w.used, used)?,
+                    None => next.used_deleted = add(next.used_deleted, used)?,
+                }
+                events.push(LedgerEvent::Usage {
+                    node: batch.node.clone(),
+                    workspace: line.workspace.clone(),
+                    amount: used,
+                });
+            }
+        }
+        for (spender, amount) in &batch.release {
+            let lease = share.leases.entry(spender.clone()).or_default();
+            *lease = sub(*lease, *amount, "lease")?;
+            let home = next.home_of(spender);
+            let w = next.ws_mut(&home)?;
+            w.balance = add(w.balance, *amount)?;
+        }
+        let mut grants = Vec::new();
+        for (spender, wanted) in &batch.want {
+            // Only a spender under the current mode may be leased: a node asking for a
+            // workspace that now spends from the Primary gets nothing and learns the change
+            // from `version`.
+            if next.spender_of(spender) != Some(spender) {
+                continue;
+            }
+            let w = next.ws_mut(spender)?;
+            let granted = (*wanted).min(w.balance);
+            if granted == 0 {
+                continue;
+            }
+            w.balance -= granted;
+            let lease = share.leases.entry(spender.clone()).or_default();
+            *lease = add(*lease, granted)?;
+            grants.push((spender.clone(), granted));
+        }
+        share.leases.retain(|_, v| *v > 0);
+        share.held.retain(|_, v| *v > 0);
+        share.last_grants = grants.clone();
+        next.nodes.insert(batch.node.clone(), share);
+        debug_assert!(next.is_conserved(), "settle broke conservation: {next:?}");
+        *self = next;
+        Ok((
+            SettleReply {
+                applied: true,
+                grants,
+                version: self.version,
+            },
+            events,
+        ))
+    }
+
+    /// Ends a node's holdings: its leases and reservations go back to balances or count as
+    /// consumed, as `prior_life` says. Used for a node that restarted or stopped heartbeating.
+    pub fn close_node(
+        &mut self,
+        node: &NodeId,
+        prior_life: PriorLife,
+    ) -> Result<Vec<LedgerEvent>, RuleError> {
+        let Some(share) = self.nodes.get(node).cloned() else {
+            return Ok(Vec::new());
+        };
+        let mut next = self.clone();
+        let mut events = Vec::new();
+        // Reservations were taken from their spender's lease; give them back to it first.
+        let mut returns: BTreeMap<WorkspaceId, u64> = share.leases.clone();
+        for (ws, held) in &share.held {
+            match prior_life {
+                PriorLife::ReturnToBalance => {
+                    let home = next.home_of(ws);
+                    *returns.entry(home).or_default() += held;
+                }
+                PriorLife::CountAsConsumed => {
+                    match next.workspaces.get_mut(ws) {
+                        Some(w) => w.used = add(w.used, *held)?,
+                        None => next.used_deleted = add(next.used_deleted, *held)?,
+                    }
+                    events.push(LedgerEvent::LeaseExpired {
+                        node: node.clone(),
+                        workspace: ws.clone(),
+                        amount: *held,
+                    });
+                }
+            }
+        }
+        for (spender, amount) in returns.into_iter().filter(|(_, a)| *a > 0) {
+            match prior_life {
+                PriorLife::ReturnToBalance => {
+                    let home = next.home_of(&spender);
+                    let w = next.ws_mut(&home)?;
+                    w.balance = add(w.balance, amount)?;
+                    events.push(LedgerEvent::LeaseReturned {
+                        node: node.clone(),
+                        workspace: spender,
+                        amount,
+                    });
+                }
+                PriorLife::CountAsConsumed => {
+                    match next.workspaces.get_mut(&spender) {
+                        Some(w) => w.used = add(w.used, amount)?,
+                        None => next.used_deleted = add(next.used_deleted, amount)?,
+                    }
+                    events.push(LedgerEvent::LeaseExpired {
+                        node: node.clone(),
+                        workspace: spender,
+                        amount,
+                    });
+                }
+            }
+        }
+        if let Some(s) = next.nodes.get_mut(node) {
+            s.leases.clear();
+            s.held.clear();
+        }
+        debug_assert!(
+            next.is_conserved(),
+            "close_node broke conservation: {next:?}"
+        );
+        *self = next;
+        Ok(events)
+    }
+
+    /// A copy in which every node's leases are back in the balances they came from (held
+    /// reservations stay held): what a recall would leave, for previews.
+    pub fn with_leases_returned(&self) -> Result<OrgRecord, RuleError> {
+        let mut copy = self.clone();
+        for share in copy.nodes.values_mut() {
+            for (spender, amount) in std::mem::take(&mut share.leases) {
+                let home = self.home_of(&spender);
+                let w = copy
+                    .workspaces
+                    .get_mut(&home)
+                    .ok_or(RuleError::UnknownWorkspace(home))?;
+                w.balance = add(w.balance, amount)?;
+            }
+        }
+        debug_assert!(copy.is_conserved());
+        Ok(copy)
+    }
+
+    /// Nodes whose last settle is older than `lease_ttl_ms` and that still hold something.
+    pub fn expired_nodes(&self, now_ms: u64, lease_ttl_ms: u64) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(_, s)| !s.is_empty() && now_ms.saturating_sub(s.seen_ms) > lease_ttl_ms)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Rule 7: every credit added is in a balance, a lease, a reservation or consumed.
+    pub fn is_conserved(&self) -> bool {
+        let balances: u128 = self.workspaces.values().map(|w| w.balance as u128).sum();
+        let used: u128 = self
+            .workspaces
+            .values()
+            .map(|w| w.used as u128)
+            .sum::<u128>()
+            + self.used_deleted as u128;
+        let nodes: u128 = self
+            .nodes
+            .values()
+            .map(|n| {
+                n.leases
+                    .values()
+                    .chain(n.held.values())
+                    .map(|&v| v as u128)
+                    .sum::<u128>()
+            })
+            .sum();
+        self.purchased as u128 == balances + used + nodes
+    }
+
+    /// The org as the API shows it.
+    pub fn view(&self) -> OrgView {
+        let mut held_total = 0u64;
+        let mut held_by_ws: BTreeMap<&WorkspaceId, u64> = BTreeMap::new();
+        for share in self.nodes.values() {
+            for (ws, h) in &share.held {
+                *held_by_ws.entry(ws).or_default() += h;
+                held_total += h;
+            }
+        }
+        let mut used = self.used_deleted;
+        let mut balances = 0u64;
+        let workspaces = self
+            .workspaces
+            .iter()
+            .map(|(ws, w)| {
+                let balance = w.balance + self.leased(ws);
+                balances += balance;
+                used += w.used;
+                WorkspaceView {
+                    workspace: ws.clone(),
+                    primary: *ws == self.primary,
+                    balance,
+                    held: held_by_ws.get(ws).copied().unwrap_or(0),
+                    used: w.used,
+                }
+            })
+            .collect();
+        OrgView {
+            org: self.org.clone(),
+            mode: self.mode,
+            primary: self.primary.clone(),
+            purchased: self.purchased,
+            total_credits: balances + held_total,
+            held: held_total,
+            used,
+            workspaces,
+        }
+    }
+}

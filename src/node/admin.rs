@@ -1,0 +1,169 @@
+//! Control-plane operations on a node: each is applied by the store, atomically and durably,
+//! while the org's leases are out of the way.
+//!
+//! The protocol for an operation that moves credits (transfer, deletion, mode switch):
+//! 1. take the org's `admin` lock (refills of the org wait behind it);
+//! 2. recall: settle the org's usage and give every lease back, so the store holds the credits;
+//! 3. apply the operation in the store (it refuses with `LeasesOutstanding` if a debit that was
+//!    already past its check put usage in flight; then recall again and retry, bounded);
+//! 4. rebuild the org's cache from the new record and lease again.
+//!
+//! Purchases and new workspaces move no leased credits: they skip step 2.
+
+use std::sync::Arc;
+
+use super::settle::Wants;
+use super::{Node, NodeError, OrgSlot, ADMIN_WAIT_MAX, RECALL_ATTEMPTS_MAX};
+use crate::metrics as m;
+use crate::model::{Amount, Mode, OrgId, OrgRecord, OrgView, RuleError, WorkspaceId};
+use crate::store::{AdminOp, AdminOutcome, IdempotencyKey, LedgerPage, StoreError};
+
+impl Node {
+    /// Creates an org with its Primary Workspace.
+    pub async fn create_org(
+        &self,
+        org: &OrgId,
+        mode: Mode,
+        primary: &WorkspaceId,
+    ) -> Result<OrgView, NodeError> {
+        m::store_call("create_org");
+        let record = self.store.create_org(org, mode, primary).await?;
+        metrics::counter!(m::ADMIN_OPERATIONS, "op" => "create_org").increment(1);
+        tracing::info!(target: "audit", org = %org, mode = mode.as_str(), primary = %primary, "org created");
+        Ok(record.view())
+    }
+
+    /// The org as it stands, including every debit this node already answered.
+    pub async fn org_view(&self, org: &str) -> Result<OrgView, NodeError> {
+        Ok(self.settled_record(org).await?.view())
+    }
+
+    /// A page of the org's ledger, after this node's usage so far is settled.
+    pub async fn ledger(
+        &self,
+        org: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<LedgerPage, NodeError> {
+        let record = self.settled_record(org).await?;
+        m::store_call("ledger");
+        Ok(self.store.ledger(&record.org, after, limit).await?)
+    }
+
+    /// Settles this node's usage of the org (if it has the org loaded) and reads the record.
+    async fn settled_record(&self, org: &str) -> Result<OrgRecord, NodeError> {
+        let org_id =
+            OrgId::parse(org, "org").map_err(|_| NodeError::UnknownOrg(org.to_string()))?;
+        let loaded = self.orgs.get(org).map(|s| Arc::clone(s.value()));
+        if let Some(slot) = loaded {
+            self.settle_slots(&[slot], Wants::None).await?;
+        }
+        m::store_call("load_org");
+        self.store
+            .load_org(&org_id)
+            .await?
+            .ok_or_else(|| NodeError::UnknownOrg(org.to_string()))
+    }
+
+    /// What a transfer would leave, without doing it (`dry_run`). Credits leased to nodes count
+    /// as the balance they came from, as they would be recalled by the real transfer.
+    pub async fn preview_transfer(
+        &self,
+        org: &str,
+        from: &WorkspaceId,
+        to: &WorkspaceId,
+        amount: Amount,
+    ) -> Result<OrgView, NodeError> {
+        let mut record = self.settled_record(org).await?.with_leases_returned()?;
+        record.transfer(from, to, amount)?;
+        Ok(record.view())
+    }
+
+    /// Applies a control-plane change with the recall protocol.
+    pub async fn admin(
+        &self,
+        org: &str,
+        op: AdminOp,
+        key: Option<IdempotencyKey>,
+    ) -> Result<AdminOutcome, NodeError> {
+        let slot = self.slot(org).await?;
+        if matches!(op, AdminOp::CreateWorkspace { .. })
+            && slot.current().accounts.len() >= self.options.workspaces_max
+        {
+            m::limit_hit("workspaces");
+            return Err(NodeError::LimitExceeded {
+                limit: "workspaces",
+                message: format!(
+                    "org {org} reached the limit of {} workspaces",
+                    self.options.workspaces_max
+                ),
+            });
+        }
+        let _admin = tokio::time::timeout(ADMIN_WAIT_MAX, slot.admin.lock())
+            .await
+            .map_err(|_| {
+                NodeError::Unavailable(format!(
+                    "wait for the org's other operations exceeded {}s",
+                    ADMIN_WAIT_MAX.as_secs()
+                ))
+            })?;
+        if let AdminOp::DeleteWorkspace { workspace } = &op {
+            self.release_reservations_of(&slot.org, workspace);
+        }
+        let moves_leased = matches!(
+            op,
+            AdminOp::Transfer { .. } | AdminOp::DeleteWorkspace { .. } | AdminOp::SetMode { .. }
+        );
+        let result = self
+            .apply_recalled(&slot, &op, key.as_ref(), moves_leased)
+            .await;
+        // Whatever happened, rebuild from the truth and lease again: a recall emptied the pools.
+        let refreshed = self.refresh(&slot).await;
+        let outcome = result?;
+        refreshed?;
+        if !outcome.replayed {
+            metrics::counter!(m::ADMIN_OPERATIONS, "op" => op.name()).increment(1);
+            tracing::info!(target: "audit", org = %slot.org, op = ?op, returned = outcome.returned, "admin operation applied");
+        }
+        Ok(outcome)
+    }
+
+    async fn apply_recalled(
+        &self,
+        slot: &Arc<OrgSlot>,
+        op: &AdminOp,
+        key: Option<&IdempotencyKey>,
+        moves_leased: bool,
+    ) -> Result<AdminOutcome, NodeError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            if moves_leased {
+                self.settle_slots(std::slice::from_ref(slot), Wants::Recall)
+                    .await?;
+            }
+            m::store_call("apply");
+            match self.store.apply(&slot.org, op, key).await {
+                Err(StoreError::Rule(RuleError::LeasesOutstanding { .. }))
+                    if attempt < RECALL_ATTEMPTS_MAX =>
+                {
+                    tokio::task::yield_now().await;
+                }
+                result => return Ok(result?),
+            }
+        }
+    }
+
+    /// Rebuilds the org's cache from the store and takes leases again.
+    async fn refresh(&self, slot: &Arc<OrgSlot>) -> Result<(), NodeError> {
+        m::store_call("load_org");
+        let record = self
+            .store
+            .load_org(&slot.org)
+            .await?
+            .ok_or_else(|| NodeError::UnknownOrg(slot.org.to_string()))?;
+        self.rebuild(slot, &record);
+        self.settle_slots(std::slice::from_ref(slot), Wants::All)
+            .await
+    }
+}

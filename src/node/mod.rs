@@ -1,0 +1,353 @@
+//! The node: what sits between the API and the store. It owns the cache, loads orgs into it,
+//! runs the settler that reports usage and tops leases up, and applies control-plane changes
+//! with the recall protocol of DESIGN.md.
+//!
+//! Locks per org, never held on the hot path:
+//! - `admin` (tokio mutex) serializes control-plane changes and lease refills of one org, so
+//!   that a refill never takes credits an operation is about to move.
+//! - `settle` (tokio mutex) serializes the org's settle stream, so that batches reach the store
+//!   in sequence order; it holds the batch the store has not acknowledged yet.
+//!
+//! Lock order: `admin` before `settle`.
+
+mod admin;
+mod data;
+mod settle;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use parking_lot::{Mutex, RwLock};
+
+use crate::cache::{Account, Cache, Pool};
+use crate::model::{Mode, NodeId, OrgId, OrgRecord, RuleError, SettleBatch, WorkspaceId};
+use crate::store::{Store, StoreError};
+
+pub use data::{Decision, Reserved};
+
+/// Longest a control-plane call waits for the org's other control-plane calls.
+pub const ADMIN_WAIT_MAX: Duration = Duration::from_secs(30);
+
+/// How many times a control-plane call recalls leases before giving up: leases can only come
+/// back from debits that were already past their check when the recall began.
+pub const RECALL_ATTEMPTS_MAX: usize = 5;
+
+/// How a node sizes the leases it asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeasePolicy {
+    /// Lease the spender's whole balance: right when this node is the only spender (embedded
+    /// store), so that every decision is exact and made from memory.
+    Whole,
+}
+
+/// The node's limits and policies.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub lease_policy: LeasePolicy,
+    pub lease_wait_max: Duration,
+    pub accounts_max: usize,
+    pub workspaces_max: usize,
+    pub idempotency_keys_max: usize,
+    pub idempotency_ttl: Duration,
+    pub reservations_max: usize,
+    pub reservation_ttl: Duration,
+    pub reservation_ttl_max: Duration,
+    pub settle_batch_orgs_max: usize,
+}
+
+impl NodeOptions {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        NodeOptions {
+            lease_policy: LeasePolicy::Whole,
+            lease_wait_max: config.lease_wait_max,
+            accounts_max: config.accounts_max,
+            workspaces_max: config.workspaces_max,
+            idempotency_keys_max: config.idempotency_keys_max,
+            idempotency_ttl: config.idempotency_ttl,
+            reservations_max: config.reservations_max,
+            reservation_ttl: config.reservation_ttl,
+            reservation_ttl_max: config.reservation_ttl_max,
+            settle_batch_orgs_max: config.settle_batch_orgs_max,
+        }
+    }
+}
+
+/// Why the node could not answer (a refusal for lack of credits is a [`Decision`], not this).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    #[error("unknown org {0}")]
+    UnknownOrg(String),
+    #[error("unknown workspace {0}")]
+    UnknownWorkspace(String),
+    #[error("unknown or finished reservation {0}")]
+    UnknownReservation(String),
+    #[error("commit of {wanted} credits exceeds the {reserved} reserved")]
+    ExceedsReservation { reserved: u64, wanted: u64 },
+    #[error("org {0} already exists")]
+    OrgExists(String),
+    #[error("idempotency key {0} was used with a different request")]
+    IdempotencyMismatch(String),
+    #[error(transparent)]
+    Rule(#[from] RuleError),
+    /// A configured capacity is full; `limit` is the metric label.
+    #[error("{message}")]
+    LimitExceeded {
+        limit: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<StoreError> for NodeError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Rule(r) => NodeError::Rule(r),
+            StoreError::OrgExists(o) => NodeError::OrgExists(o.to_string()),
+            StoreError::UnknownOrg(o) => NodeError::UnknownOrg(o.to_string()),
+            StoreError::IdempotencyMismatch(k) => NodeError::IdempotencyMismatch(k),
+            StoreError::LimitExceeded(message) => NodeError::LimitExceeded {
+                limit: "idempotency_keys",
+                message,
+            },
+            StoreError::Unavailable(m) | StoreError::Corrupt(m) => NodeError::Unavailable(m),
+        }
+    }
+}
+
+/// One org as this node has it in its cache: built from a store record, replaced whole when
+/// the org changes (the old one is retired and drained by the settler).
+#[derive(Debug)]
+pub(crate) struct OrgState {
+    pub mode: Mode,
+    /// The store's change epoch this state was built from (a cluster node compares it with
+    /// the epoch each settle returns).
+    #[allow(dead_code)]
+    pub version: u64,
+    pub accounts: Vec<Arc<Account>>,
+    pub pools: Vec<Arc<Pool>>,
+}
+
+impl OrgState {
+    fn build(record: &OrgRecord) -> OrgState {
+        let mut pools: Vec<Arc<Pool>> = Vec::new();
+        let primary_pool = Arc::new(Pool::new(record.primary.clone()));
+        pools.push(Arc::clone(&primary_pool));
+        let accounts = record
+            .workspaces
+            .keys()
+            .map(|ws| {
+                let pool = if record.mode == Mode::Shared || *ws == record.primary {
+                    Arc::clone(&primary_pool)
+                } else {
+                    let pool = Arc::new(Pool::new(ws.clone()));
+                    pools.push(Arc::clone(&pool));
+                    pool
+                };
+                Arc::new(Account::new(record.org.clone(), ws.clone(), pool))
+            })
+            .collect();
+        OrgState {
+            mode: record.mode,
+            version: record.version,
+            accounts,
+            pools,
+        }
+    }
+
+    pub fn pool(&self, spender: &WorkspaceId) -> Option<&Arc<Pool>> {
+        self.pools.iter().find(|p| p.spender == *spender)
+    }
+}
+
+/// The settle stream of one org.
+#[derive(Debug, Default)]
+pub(crate) struct SettleStream {
+    /// A batch sent but not acknowledged: re-sent unchanged before anything new.
+    pub pending: Option<SettleBatch>,
+}
+
+/// One org's place on this node.
+#[derive(Debug)]
+pub(crate) struct OrgSlot {
+    pub org: OrgId,
+    pub state: RwLock<Arc<OrgState>>,
+    /// States replaced by a rebuild, kept until nothing points at them and they are drained.
+    pub retired: Mutex<Vec<Arc<OrgState>>>,
+    pub admin: tokio::sync::Mutex<()>,
+    pub settle: tokio::sync::Mutex<SettleStream>,
+}
+
+impl OrgSlot {
+    pub fn current(&self) -> Arc<OrgState> {
+        Arc::clone(&self.state.read())
+    }
+}
+
+/// A creditd node.
+pub struct Node {
+    store: Arc<dyn Store>,
+    node_id: NodeId,
+    epoch: u64,
+    options: NodeOptions,
+    cache: Cache,
+    orgs: DashMap<OrgId, Arc<OrgSlot>>,
+    /// Serializes loading orgs into the cache, so that one org is loaded once.
+    loading: tokio::sync::Mutex<()>,
+    reservations: DashMap<String, data::Reservation>,
+    idempotency: DashMap<String, Arc<data::Remembered>>,
+    /// Settle sequence numbers: one increasing counter for all orgs of this node's life.
+    seq: AtomicU64,
+    /// Reservation ids: a counter for uniqueness, a random salt so ids are not guessable.
+    reservation_counter: AtomicU64,
+    reservation_salt: u64,
+    ready: AtomicBool,
+}
+
+impl Node {
+    /// Starts a new life of this node on `store`.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        node_id: NodeId,
+        options: NodeOptions,
+    ) -> Result<Arc<Node>, NodeError> {
+        crate::metrics::store_call("start_node");
+        let start = store.start_node(&node_id).await?;
+        if start.unclean {
+            metrics::counter!(crate::metrics::UNCLEAN_RESTARTS).increment(1);
+            tracing::warn!(node = %node_id, "previous run did not stop cleanly: its unsettled usage (at most one settle interval) is lost");
+        }
+        let salt = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(start.epoch);
+            h.finish()
+        };
+        let node = Arc::new(Node {
+            store,
+            node_id,
+            epoch: start.epoch,
+            options,
+            cache: Cache::new(),
+            orgs: DashMap::new(),
+            loading: tokio::sync::Mutex::new(()),
+            reservations: DashMap::new(),
+            idempotency: DashMap::new(),
+            seq: AtomicU64::new(0),
+            reservation_counter: AtomicU64::new(0),
+            reservation_salt: salt,
+            ready: AtomicBool::new(true),
+        });
+        metrics::gauge!(crate::metrics::READY).set(1.0);
+        Ok(node)
+    }
+
+    pub fn node_id(&self) -> &NodeId {
+        &self.node_id
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn store_kind(&self) -> &'static str {
+        self.store.kind()
+    }
+
+    pub fn options(&self) -> &NodeOptions {
+        &self.options
+    }
+
+    /// True while the node answers debits.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Readiness: ready and the store answers.
+    pub async fn check_ready(&self) -> bool {
+        if !self.is_ready() {
+            return false;
+        }
+        crate::metrics::store_call("ping");
+        self.store.ping().await.is_ok()
+    }
+
+    /// Turns readiness off (the first step of a stop).
+    pub fn set_unready(&self) {
+        self.ready.store(false, Ordering::Release);
+        metrics::gauge!(crate::metrics::READY).set(0.0);
+    }
+
+    /// The org's slot, loading the org from the store on first use.
+    pub(crate) async fn slot(&self, org: &str) -> Result<Arc<OrgSlot>, NodeError> {
+        if let Some(slot) = self.orgs.get(org) {
+            return Ok(Arc::clone(slot.value()));
+        }
+        let org_id =
+            OrgId::parse(org, "org").map_err(|_| NodeError::UnknownOrg(org.to_string()))?;
+        let _loading = self.loading.lock().await;
+        if let Some(slot) = self.orgs.get(org) {
+            return Ok(Arc::clone(slot.value()));
+        }
+        crate::metrics::store_call("load_org");
+        let record = self
+            .store
+            .load_org(&org_id)
+            .await?
+            .ok_or_else(|| NodeError::UnknownOrg(org.to_string()))?;
+        if self.cache.len() + record.workspaces.len() > self.options.accounts_max {
+            crate::metrics::limit_hit("accounts");
+            return Err(NodeError::LimitExceeded {
+                limit: "accounts",
+                message: format!(
+                    "accounts cached reached the limit of {}",
+                    self.options.accounts_max
+                ),
+            });
+        }
+        let state = Arc::new(OrgState::build(&record));
+        for account in &state.accounts {
+            self.cache.insert(Arc::clone(account));
+        }
+        let slot = Arc::new(OrgSlot {
+            org: org_id.clone(),
+            state: RwLock::new(state),
+            retired: Mutex::new(Vec::new()),
+            admin: tokio::sync::Mutex::new(()),
+            settle: tokio::sync::Mutex::new(SettleStream::default()),
+        });
+        self.orgs.insert(org_id, Arc::clone(&slot));
+        // Take the first leases now, so that the first debits decide from memory. A failure
+        // here is not fatal: debits will ask again.
+        if let Err(e) = self
+            .settle_slots(&[Arc::clone(&slot)], settle::Wants::All)
+            .await
+        {
+            tracing::warn!(org, error = %e, "first lease failed");
+        }
+        Ok(slot)
+    }
+
+    /// Replaces the org's state by one built from `record`, retiring the old one.
+    pub(crate) fn rebuild(&self, slot: &OrgSlot, record: &OrgRecord) {
+        let state = Arc::new(OrgState::build(record));
+        let old = {
+            let mut current = slot.state.write();
+            std::mem::replace(&mut *current, Arc::clone(&state))
+        };
+        for account in &state.accounts {
+            self.cache.insert(Arc::clone(account));
+        }
+        for account in &old.accounts {
+            self.cache.remove(account);
+        }
+        slot.retired.lock().push(old);
+    }
+
+    /// A new settle sequence number.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::AcqRel) + 1
+    }
+}

@@ -1,0 +1,365 @@
+//! The settler: collects what each account did since the last batch, reports it to the store
+//! (one batch per org, many orgs per store call), and applies the leases the store grants.
+//!
+//! A batch is kept in the org's settle stream until the store acknowledges it, and re-sent
+//! unchanged (same node, epoch and sequence number) before anything new: the store applies each
+//! batch exactly once, so a timeout never loses or doubles usage.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{LeasePolicy, Node, NodeError, OrgSlot, OrgState, SettleStream};
+use crate::cache::STORE_LEFT_UNKNOWN;
+use crate::metrics as m;
+use crate::model::{OrgId, OrgRecord, SettleBatch, SettleReply, WorkspaceId};
+
+/// What a settle asks of the store besides reporting usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Wants {
+    /// Usage only.
+    None,
+    /// Top up every spender the store may still have credits for.
+    All,
+    /// Give every lease back (before a control-plane change, or at stop).
+    Recall,
+    /// Lease for one spender, at least this much if the store has it.
+    One(WorkspaceId, u64),
+}
+
+impl Node {
+    /// Settles `slots`, asking for `wants`; returns the first failure, after trying them all.
+    pub(crate) async fn settle_slots(
+        &self,
+        slots: &[Arc<OrgSlot>],
+        wants: Wants,
+    ) -> Result<(), NodeError> {
+        let mut streams = Vec::with_capacity(slots.len());
+        for slot in slots {
+            streams.push(slot.settle.lock().await);
+        }
+        self.settle_locked(
+            slots,
+            &mut streams.iter_mut().map(|g| &mut **g).collect::<Vec<_>>(),
+            &wants,
+        )
+        .await
+    }
+
+    /// One settle round over orgs whose streams the caller holds.
+    async fn settle_locked(
+        &self,
+        slots: &[Arc<OrgSlot>],
+        streams: &mut [&mut SettleStream],
+        wants: &Wants,
+    ) -> Result<(), NodeError> {
+        let mut first_error = None;
+        // Batches the store has not acknowledged go first, unchanged.
+        let pending: Vec<usize> = (0..slots.len())
+            .filter(|&i| streams[i].pending.is_some())
+            .collect();
+        let mut blocked = vec![false; slots.len()];
+        if !pending.is_empty() {
+            let batches: Vec<(OrgId, SettleBatch)> = pending
+                .iter()
+                .filter_map(|&i| {
+                    streams[i]
+                        .pending
+                        .clone()
+                        .map(|b| (slots[i].org.clone(), b))
+                })
+                .collect();
+            for (k, result) in self.send(&batches).await.into_iter().enumerate() {
+                let i = pending[k];
+                match result {
+                    Ok((reply, record)) => {
+                        streams[i].pending = None;
+                        self.apply_reply(&slots[i], &reply, &record);
+                    }
+                    Err(e) => {
+                        blocked[i] = true;
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        let mut fresh = Vec::new();
+        for (i, slot) in slots.iter().enumerate() {
+            if blocked[i] {
+                continue;
+            }
+            let batch = self.build_batch(slot, wants);
+            if batch.is_empty() {
+                continue;
+            }
+            streams[i].pending = Some(batch.clone());
+            fresh.push((i, (slot.org.clone(), batch)));
+        }
+        if !fresh.is_empty() {
+            let batches: Vec<(OrgId, SettleBatch)> = fresh.iter().map(|(_, b)| b.clone()).collect();
+            for (k, result) in self.send(&batches).await.into_iter().enumerate() {
+                let i = fresh[k].0;
+                match result {
+                    Ok((reply, record)) => {
+                        streams[i].pending = None;
+                        self.apply_reply(&slots[i], &reply, &record);
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        for slot in slots {
+            drop_drained_retired(slot);
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// One store call for many batches, with its metrics.
+    async fn send(
+        &self,
+        batches: &[(OrgId, SettleBatch)],
+    ) -> Vec<Result<(SettleReply, OrgRecord), NodeError>> {
+        let started = Instant::now();
+        m::store_call("settle");
+        let results = self.store.settle(batches).await;
+        metrics::histogram!(m::SETTLE_DURATION).record(started.elapsed().as_secs_f64());
+        results
+            .into_iter()
+            .map(|r| match r {
+                Ok(ok) => {
+                    metrics::counter!(m::SETTLE_BATCHES).increment(1);
+                    Ok(ok)
+                }
+                Err(e) => {
+                    metrics::counter!(m::SETTLE_ERRORS).increment(1);
+                    tracing::warn!(error = %e, "settle failed; the batch is kept and will be re-sent");
+                    Err(NodeError::from(e))
+                }
+            })
+            .collect()
+    }
+
+    /// Collects usage from the current and retired states and adds lease requests or returns.
+    fn build_batch(&self, slot: &OrgSlot, wants: &Wants) -> SettleBatch {
+        let state = slot.current();
+        let retired: Vec<Arc<OrgState>> = slot.retired.lock().clone();
+        let mut lines = Vec::new();
+        let mut release = Vec::new();
+        for s in retired.iter().chain(std::iter::once(&state)) {
+            lines.extend(s.accounts.iter().filter_map(|a| a.collect()));
+        }
+        // Retired pools give everything back: nothing spends from them any more.
+        for s in &retired {
+            for pool in &s.pools {
+                let r = pool.drain();
+                if r > 0 {
+                    release.push((pool.spender.clone(), r));
+                }
+            }
+        }
+        let mut want = Vec::new();
+        match wants {
+            Wants::None => {}
+            Wants::All => {
+                for pool in &state.pools {
+                    if pool.store_left() != 0 {
+                        want.push((pool.spender.clone(), self.lease_size(pool.store_left())));
+                    }
+                }
+            }
+            Wants::One(spender, at_least) => {
+                if let Some(pool) = state.pool(spender) {
+                    want.push((
+                        pool.spender.clone(),
+                        self.lease_size(pool.store_left()).max(*at_least),
+                    ));
+                }
+            }
+            Wants::Recall => {
+                for pool in &state.pools {
+                    // Unknown first: a debit that finds the lease gone must ask the store (and
+                    // wait for this change), not conclude the spender is exhausted.
+                    pool.set_store_left(STORE_LEFT_UNKNOWN);
+                    let r = pool.drain();
+                    if r > 0 {
+                        release.push((pool.spender.clone(), r));
+                    }
+                }
+            }
+        }
+        SettleBatch {
+            node: self.node_id.clone(),
+            epoch: self.epoch,
+            seq: self.next_seq(),
+            lines,
+            release,
+            want,
+        }
+    }
+
+    /// How much lease to ask for.
+    fn lease_size(&self, _store_left: u64) -> u64 {
+        match self.options.lease_policy {
+            LeasePolicy::Whole => u64::MAX,
+        }
+    }
+
+    /// Puts granted leases into the pools and notes what the store has left.
+    fn apply_reply(&self, slot: &OrgSlot, reply: &SettleReply, record: &OrgRecord) {
+        debug_assert!(record.is_conserved());
+        let state = slot.current();
+        for (spender, granted) in &reply.grants {
+            match state.pool(spender) {
+                Some(pool) => pool.give(*granted),
+                None => {
+                    // The org was rebuilt while the grant was on its way: park it in a retired
+                    // pool, whose lease the next batch gives back.
+                    let retired = slot.retired.lock();
+                    match retired.iter().rev().find_map(|s| s.pool(spender)) {
+                        Some(pool) => pool.give(*granted),
+                        None => {
+                            tracing::error!(org = %slot.org, %spender, granted, "grant for no pool")
+                        }
+                    }
+                }
+            }
+        }
+        for pool in &state.pools {
+            let left = if record.spender_of(&pool.spender) == Some(&pool.spender) {
+                record
+                    .workspaces
+                    .get(&pool.spender)
+                    .map_or(0, |w| w.balance)
+            } else {
+                0
+            };
+            pool.set_store_left(left);
+        }
+    }
+
+    /// One settler round over every org: usage, top-ups, expired reservations, gauges.
+    pub async fn tick(&self) {
+        self.expire_reservations();
+        self.expire_idempotency();
+        let slots: Vec<Arc<OrgSlot>> = self.orgs.iter().map(|e| Arc::clone(e.value())).collect();
+        for chunk in slots.chunks(self.options.settle_batch_orgs_max) {
+            // An org busy with a control-plane change or a refill is settled next round.
+            let mut admin_guards = Vec::new();
+            let mut stream_guards = Vec::new();
+            let mut ready = Vec::new();
+            for slot in chunk {
+                let Ok(admin) = slot.admin.try_lock() else {
+                    continue;
+                };
+                let Ok(stream) = slot.settle.try_lock() else {
+                    continue;
+                };
+                admin_guards.push(admin);
+                stream_guards.push(stream);
+                ready.push(Arc::clone(slot));
+            }
+            let mut streams: Vec<&mut SettleStream> =
+                stream_guards.iter_mut().map(|g| &mut **g).collect();
+            if let Err(e) = self.settle_locked(&ready, &mut streams, &Wants::All).await {
+                tracing::debug!(error = %e, "settle round incomplete");
+            }
+        }
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        let (mut leased, mut blocked, mut unsettled) = (0u64, 0u64, 0u64);
+        for slot in self.orgs.iter() {
+            let state = slot.current();
+            for pool in &state.pools {
+                leased = leased.saturating_add(pool.lease());
+                blocked += pool.is_blocked() as u64;
+            }
+            for account in &state.accounts {
+                unsettled = unsettled.saturating_add(account.unsettled());
+            }
+        }
+        metrics::gauge!(m::LEASED_CREDITS).set(leased as f64);
+        metrics::gauge!(m::BLOCKED_SPENDERS).set(blocked as f64);
+        metrics::gauge!(m::UNSETTLED_CREDITS).set(unsettled as f64);
+        metrics::gauge!(m::RESERVATIONS_OPEN).set(self.reservations.len() as f64);
+    }
+
+    /// Runs the settler every `interval` until `shutdown` resolves.
+    pub async fn run_settler(
+        self: Arc<Self>,
+        interval: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rounds: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = ticker.tick() => {}
+            }
+            self.tick().await;
+            rounds += 1;
+            // Forgetting old control-plane keys is housekeeping: once a minute at 1s rounds.
+            if rounds % 60 == 0 {
+                m::store_call("prune");
+                if let Err(e) = self.store.prune(crate::store::unix_ms()).await {
+                    tracing::warn!(error = %e, "pruning idempotency keys failed");
+                }
+            }
+        }
+    }
+
+    /// A clean stop: releases open reservations, gives every lease back with the last usage,
+    /// and tells the store the node stopped cleanly. Retries a failing store within `deadline`.
+    pub async fn stop(&self, deadline: Duration) -> Result<(), NodeError> {
+        self.set_unready();
+        self.release_all_reservations();
+        let slots: Vec<Arc<OrgSlot>> = self.orgs.iter().map(|e| Arc::clone(e.value())).collect();
+        let until = Instant::now() + deadline;
+        let mut first_error = None;
+        for chunk in slots.chunks(self.options.settle_batch_orgs_max) {
+            let mut admin_guards = Vec::new();
+            for slot in chunk {
+                admin_guards.push(slot.admin.lock().await);
+            }
+            loop {
+                // A second round picks up debits that were in flight during the first.
+                let mut result = self.settle_slots(chunk, Wants::Recall).await;
+                if result.is_ok() {
+                    result = self.settle_slots(chunk, Wants::Recall).await;
+                }
+                match result {
+                    Ok(()) => break,
+                    Err(e) if Instant::now() >= until => {
+                        first_error.get_or_insert(e);
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        m::store_call("stop_node");
+        self.store.stop_node(&self.node_id).await?;
+        Ok(())
+    }
+}
+
+/// Forgets retired states that nothing points at and that have nothing left to report.
+fn drop_drained_retired(slot: &OrgSlot) {
+    slot.retired.lock().retain(|s| {
+        let referenced = s.accounts.iter().any(|a| Arc::strong_count(a) > 1);
+        let busy =
+            s.accounts.iter().any(|a| a.has_unreported()) || s.pools.iter().any(|p| p.lease() > 0);
+        referenced || busy
+    });
+}

@@ -1,0 +1,198 @@
+//! The truth behind the cache: one trait, two backends with the same semantics.
+//!
+//! - [`embedded`]: one node, a redb file on disk; the default.
+//! - `redis`: many nodes sharing one Redis; every change is one Lua script (issue [cluster]).
+//!
+//! The store is never called per request. The node calls it for control-plane operations and,
+//! from its settler, once per org per batch to report usage and take leases (DESIGN.md).
+
+pub mod embedded;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    Amount, LedgerEvent, Mode, NodeId, OrgId, OrgRecord, OrgView, RuleError, SettleBatch,
+    SettleReply, WorkspaceId,
+};
+
+/// A control-plane change to one org. Each is applied atomically and durably.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AdminOp {
+    Purchase {
+        amount: Amount,
+    },
+    CreateWorkspace {
+        workspace: WorkspaceId,
+    },
+    DeleteWorkspace {
+        workspace: WorkspaceId,
+    },
+    Transfer {
+        from: WorkspaceId,
+        to: WorkspaceId,
+        amount: Amount,
+    },
+    SetMode {
+        mode: Mode,
+    },
+}
+
+impl AdminOp {
+    /// Bounded label for metrics and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AdminOp::Purchase { .. } => "purchase",
+            AdminOp::CreateWorkspace { .. } => "create_workspace",
+            AdminOp::DeleteWorkspace { .. } => "delete_workspace",
+            AdminOp::Transfer { .. } => "transfer",
+            AdminOp::SetMode { .. } => "set_mode",
+        }
+    }
+
+    /// Applies the op to a record (on success the record is the new state).
+    pub fn apply(&self, record: &mut OrgRecord) -> Result<(u64, Vec<LedgerEvent>), RuleError> {
+        match self {
+            AdminOp::Purchase { amount } => Ok((0, vec![record.purchase(*amount)?])),
+            AdminOp::CreateWorkspace { workspace } => {
+                Ok((0, vec![record.create_workspace(workspace.clone())?]))
+            }
+            AdminOp::DeleteWorkspace { workspace } => {
+                let (returned, event) = record.delete_workspace(workspace)?;
+                Ok((returned, vec![event]))
+            }
+            AdminOp::Transfer { from, to, amount } => {
+                Ok((0, vec![record.transfer(from, to, *amount)?]))
+            }
+            AdminOp::SetMode { mode } => Ok((0, record.set_mode(*mode)?)),
+        }
+    }
+}
+
+/// An idempotency key on a control-plane call: the same key and fingerprint return the first
+/// outcome; the same key with another fingerprint is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    /// The kind of call the key is scoped to (`purchase`, `transfer`).
+    pub scope: &'static str,
+    pub key: String,
+    /// A canonical form of the request body: equal bodies give equal fingerprints.
+    pub fingerprint: String,
+}
+
+/// What an applied control-plane operation left behind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminOutcome {
+    /// The org after the operation.
+    pub view: OrgView,
+    /// Credits a deletion returned to the Primary (0 for other operations).
+    pub returned: u64,
+    /// True when this is the remembered outcome of an earlier call with the same key.
+    #[serde(default)]
+    pub replayed: bool,
+}
+
+/// One ledger entry as stored and shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    pub seq: u64,
+    pub at_ms: u64,
+    #[serde(flatten)]
+    pub event: LedgerEvent,
+}
+
+/// A page of an org's ledger, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerPage {
+    pub entries: Vec<LedgerEntry>,
+    /// Cursor for the next page, if there may be more.
+    pub next: Option<u64>,
+}
+
+/// What the store says when a node starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeStart {
+    /// The node's new life; every settle batch carries it.
+    pub epoch: u64,
+    /// True when the previous life did not stop cleanly (its unsettled usage is lost).
+    pub unclean: bool,
+}
+
+/// A failure of the store (a refusal by the rules is `Rule`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Rule(#[from] RuleError),
+    #[error("org {0} already exists")]
+    OrgExists(OrgId),
+    #[error("unknown org {0}")]
+    UnknownOrg(OrgId),
+    #[error("idempotency key {0} was used with a different request")]
+    IdempotencyMismatch(String),
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// The store could not be reached or did not answer in time: the outcome may be unknown.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered something that cannot be right (corrupt data, a bug).
+    #[error("store corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The operations a node needs from its store. Implementations apply each call atomically;
+/// `Unavailable` means the outcome is unknown and the caller retries the very same call.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `embedded` or `redis`, for logs and `/metrics`.
+    fn kind(&self) -> &'static str;
+
+    /// Registers a new life of `node`, closing what its previous life still held.
+    async fn start_node(&self, node: &NodeId) -> Result<NodeStart, StoreError>;
+
+    /// Marks a clean stop of `node` after its final settle.
+    async fn stop_node(&self, node: &NodeId) -> Result<(), StoreError>;
+
+    /// Reads an org, or `None` if it does not exist.
+    async fn load_org(&self, org: &OrgId) -> Result<Option<OrgRecord>, StoreError>;
+
+    /// Creates an org with its Primary Workspace; `OrgExists` if the id is taken.
+    async fn create_org(
+        &self,
+        org: &OrgId,
+        mode: Mode,
+        primary: &WorkspaceId,
+    ) -> Result<OrgRecord, StoreError>;
+
+    /// Applies one control-plane operation durably, with its ledger entries.
+    async fn apply(
+        &self,
+        org: &OrgId,
+        op: &AdminOp,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<AdminOutcome, StoreError>;
+
+    /// Applies settle batches, one per org; each is atomic on its own and answered in order.
+    async fn settle(
+        &self,
+        batches: &[(OrgId, SettleBatch)],
+    ) -> Vec<Result<(SettleReply, OrgRecord), StoreError>>;
+
+    /// Reads a page of an org's ledger: entries with `seq > after`, at most `limit`.
+    async fn ledger(&self, org: &OrgId, after: u64, limit: usize)
+        -> Result<LedgerPage, StoreError>;
+
+    /// Forgets idempotency keys older than the retention window.
+    async fn prune(&self, now_ms: u64) -> Result<(), StoreError>;
+
+    /// Cheap reachability check for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Milliseconds since the Unix epoch, for ledger timestamps.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
