@@ -34,6 +34,7 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_AUTHORIZE_DENY_STATUS: u16 = 403;
 pub const DEFAULT_LEDGER_PAGE_MAX: usize = 1000;
 pub const DEFAULT_SETTLE_BATCH_ORGS_MAX: usize = 256;
+pub const DEFAULT_REDIS_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// API.md: the connection limit is at least 1,024 by default.
 const _: () = assert!(DEFAULT_CONNECTIONS_MAX >= 1024);
@@ -109,6 +110,12 @@ pub struct Config {
     /// Orgs settled in one store call.
     pub settle_batch_orgs_max: usize,
     pub log_format: LogFormat,
+    /// Longest one Redis call may take; then its outcome is unknown and it is retried unchanged.
+    #[serde(deserialize_with = "de_duration")]
+    pub redis_call_timeout: Duration,
+    /// Refuse to start when Redis may evict keys (`maxmemory-policy` other than `noeviction`);
+    /// `false` only warns.
+    pub redis_require_noeviction: bool,
 }
 
 impl Default for Config {
@@ -140,6 +147,8 @@ impl Default for Config {
             ledger_page_max: DEFAULT_LEDGER_PAGE_MAX,
             settle_batch_orgs_max: DEFAULT_SETTLE_BATCH_ORGS_MAX,
             log_format: LogFormat::Text,
+            redis_call_timeout: DEFAULT_REDIS_CALL_TIMEOUT,
+            redis_require_noeviction: true,
         }
     }
 }
@@ -149,6 +158,7 @@ impl Default for Config {
 enum Kind {
     Str,
     Int,
+    Bool,
 }
 
 /// Every key, for environment overrides (`CREDITD_<KEY>`).
@@ -177,6 +187,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("ledger_page_max", Kind::Int),
     ("settle_batch_orgs_max", Kind::Int),
     ("log_format", Kind::Str),
+    ("redis_call_timeout", Kind::Str),
+    ("redis_require_noeviction", Kind::Bool),
 ];
 
 /// Environment variables that are not settings.
@@ -247,6 +259,15 @@ impl Config {
                 Some((_, Kind::Str)) => {
                     table.insert(key, toml::Value::String(value));
                 }
+                Some((_, Kind::Bool)) => match value.trim() {
+                    "true" | "1" => {
+                        table.insert(key, toml::Value::Boolean(true));
+                    }
+                    "false" | "0" => {
+                        table.insert(key, toml::Value::Boolean(false));
+                    }
+                    _ => errors.push(format!("{name}: `{value}` is not true or false")),
+                },
                 Some((_, Kind::Int)) => match value.trim().parse::<i64>() {
                     Ok(n) => {
                         table.insert(key, toml::Value::Integer(n));

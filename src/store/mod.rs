@@ -119,6 +119,17 @@ pub struct NodeStart {
     pub unclean: bool,
 }
 
+/// A change announced to every node through the store (Redis pub/sub). Delivery is best effort:
+/// the change epoch returned on every settle is the guarantee, a notice only makes it faster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "notice", rename_all = "snake_case")]
+pub enum Notice {
+    /// The org changed (a control-plane operation): reload it.
+    Changed { org: OrgId, version: u64 },
+    /// A node needs credits that other nodes hold as leases: settle and give them back.
+    Recall { org: OrgId },
+}
+
 /// A failure of the store (a refusal by the rules is `Rule`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -187,6 +198,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Cheap reachability check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Announces a notice to every node (a no-op where there is one node).
+    async fn announce(&self, _notice: &Notice) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Notices announced by any node, this one included; `None` where there is one node.
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<Notice>> {
+        None
+    }
 }
 
 /// Milliseconds since the Unix epoch, for ledger timestamps.
