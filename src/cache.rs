@@ -25,8 +25,14 @@ pub struct Pool {
     /// Credits this node may still spend without asking the store.
     lease: AtomicU64,
     /// What the store had left for the spender beyond all leases at the last settle, or
-    /// [`STORE_LEFT_UNKNOWN`]. Zero means exhausted: refusals are decided from memory.
+    /// [`STORE_LEFT_UNKNOWN`]. Zero (with `others` zero) means exhausted: refusals are decided
+    /// from memory.
     store_left: AtomicU64,
+    /// Credits of the spender leased to other nodes at the last settle: while some are out
+    /// there, a short lease asks the store (and a recall) instead of refusing.
+    others: AtomicU64,
+    /// Recent spending rate, credits per second, to size leases (cluster policy).
+    rate_per_s: AtomicU64,
 }
 
 /// The outcome of taking credits from a lease. A refusal is not an error.
@@ -46,6 +52,8 @@ impl Pool {
             spender,
             lease: AtomicU64::new(0),
             store_left: AtomicU64::new(STORE_LEFT_UNKNOWN),
+            others: AtomicU64::new(0),
+            rate_per_s: AtomicU64::new(0),
         }
     }
 
@@ -66,7 +74,35 @@ impl Pool {
 
     /// True when the store said it has nothing beyond the leases and this node's is empty.
     pub fn is_blocked(&self) -> bool {
-        self.store_left() == 0 && self.lease() == 0
+        self.is_exhausted() && self.lease() == 0
+    }
+
+    /// True when neither the store nor another node has anything left for the spender.
+    fn is_exhausted(&self) -> bool {
+        self.store_left() == 0 && self.others.load(Ordering::Acquire) == 0
+    }
+
+    /// Credits of the spender other nodes held at the last settle.
+    pub fn others(&self) -> u64 {
+        self.others.load(Ordering::Acquire)
+    }
+
+    pub fn set_others(&self, others: u64) {
+        self.others.store(others, Ordering::Release);
+    }
+
+    pub fn rate_per_s(&self) -> u64 {
+        self.rate_per_s.load(Ordering::Relaxed)
+    }
+
+    /// Folds the spending of the last `elapsed` into the rate (an average weighted half to the
+    /// newest observation, so a lease follows a change of load within a few settles).
+    pub fn observe_spending(&self, spent: u64, elapsed: std::time::Duration) {
+        let secs = elapsed.as_secs_f64().max(0.001);
+        let now = spent as f64 / secs;
+        let old = self.rate_per_s() as f64;
+        self.rate_per_s
+            .store(((old + now) / 2.0).ceil() as u64, Ordering::Relaxed);
     }
 
     /// Takes `amount` from the lease, all or nothing: one CAS loop, no lock.
@@ -74,9 +110,10 @@ impl Pool {
         let mut current = self.lease.load(Ordering::Acquire);
         loop {
             if current < amount {
-                return match self.store_left() {
-                    0 => Take::Exhausted { remaining: current },
-                    _ => Take::AskStore,
+                return if self.is_exhausted() {
+                    Take::Exhausted { remaining: current }
+                } else {
+                    Take::AskStore
                 };
             }
             match self.lease.compare_exchange_weak(

@@ -34,6 +34,9 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_AUTHORIZE_DENY_STATUS: u16 = 403;
 pub const DEFAULT_LEDGER_PAGE_MAX: usize = 1000;
 pub const DEFAULT_SETTLE_BATCH_ORGS_MAX: usize = 256;
+pub const DEFAULT_LEASE_HORIZON: Duration = Duration::from_secs(2);
+pub const DEFAULT_LEASE_SHARE_MAX_PERCENT: u64 = 25;
+pub const DEFAULT_RECALL_WAIT_MAX: Duration = Duration::from_secs(2);
 pub const DEFAULT_REDIS_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// API.md: the connection limit is at least 1,024 by default.
@@ -81,6 +84,15 @@ pub struct Config {
     /// A node that has not settled for this long loses its leases (cluster only).
     #[serde(deserialize_with = "de_duration")]
     pub lease_ttl: Duration,
+    /// Cluster: a lease covers about this much of the spender's recent spending rate.
+    #[serde(deserialize_with = "de_duration")]
+    pub lease_horizon: Duration,
+    /// Cluster: a lease never takes more than this share (percent) of what the store has left
+    /// for the spender, so a nearly empty balance is not stranded on one node.
+    pub lease_share_max_percent: u64,
+    /// Cluster: longest a control-plane change waits for other nodes to give leases back.
+    #[serde(deserialize_with = "de_duration")]
+    pub recall_wait_max: Duration,
     pub body_bytes_max: usize,
     /// Accounts (org, workspace) kept in this node's cache.
     pub accounts_max: usize,
@@ -132,6 +144,9 @@ impl Default for Config {
             settle_interval: DEFAULT_SETTLE_INTERVAL,
             lease_wait_max: DEFAULT_LEASE_WAIT_MAX,
             lease_ttl: DEFAULT_LEASE_TTL,
+            lease_horizon: DEFAULT_LEASE_HORIZON,
+            lease_share_max_percent: DEFAULT_LEASE_SHARE_MAX_PERCENT,
+            recall_wait_max: DEFAULT_RECALL_WAIT_MAX,
             body_bytes_max: DEFAULT_BODY_BYTES_MAX,
             accounts_max: DEFAULT_ACCOUNTS_MAX,
             workspaces_max: DEFAULT_WORKSPACES_MAX,
@@ -172,6 +187,9 @@ const KEYS: &[(&str, Kind)] = &[
     ("settle_interval", Kind::Str),
     ("lease_wait_max", Kind::Str),
     ("lease_ttl", Kind::Str),
+    ("lease_horizon", Kind::Str),
+    ("lease_share_max_percent", Kind::Int),
+    ("recall_wait_max", Kind::Str),
     ("body_bytes_max", Kind::Int),
     ("accounts_max", Kind::Int),
     ("workspaces_max", Kind::Int),
@@ -317,6 +335,18 @@ impl Config {
         check(
             self.lease_ttl > self.settle_interval * 2,
             "lease_ttl: must be more than twice settle_interval".into(),
+        );
+        check(
+            (1..=3_600_000).contains(&ms(self.lease_horizon)),
+            "lease_horizon: must be from 1ms to 1h".into(),
+        );
+        check(
+            (1..=100).contains(&self.lease_share_max_percent),
+            "lease_share_max_percent: must be from 1 to 100".into(),
+        );
+        check(
+            (1..=60_000).contains(&ms(self.recall_wait_max)),
+            "recall_wait_max: must be from 1ms to 60s".into(),
         );
         check(
             (1..=16 * 1024 * 1024).contains(&self.body_bytes_max),

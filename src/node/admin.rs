@@ -16,7 +16,7 @@ use super::settle::Wants;
 use super::{Node, NodeError, OrgSlot, ADMIN_WAIT_MAX, RECALL_ATTEMPTS_MAX};
 use crate::metrics as m;
 use crate::model::{Amount, Mode, OrgId, OrgRecord, OrgView, RuleError, WorkspaceId};
-use crate::store::{AdminOp, AdminOutcome, IdempotencyKey, LedgerPage, StoreError};
+use crate::store::{AdminOp, AdminOutcome, IdempotencyKey, LedgerPage, Notice, StoreError};
 
 impl Node {
     /// Creates an org with its Primary Workspace.
@@ -135,7 +135,9 @@ impl Node {
         key: Option<&IdempotencyKey>,
         moves_leased: bool,
     ) -> Result<AdminOutcome, NodeError> {
+        let deadline = tokio::time::Instant::now() + self.options.recall_wait_max;
         let mut attempt = 0;
+        let mut _recalling = None;
         loop {
             attempt += 1;
             if moves_leased {
@@ -145,17 +147,116 @@ impl Node {
             m::store_call("apply");
             match self.store.apply(&slot.org, op, key).await {
                 Err(StoreError::Rule(RuleError::LeasesOutstanding { .. }))
-                    if attempt < RECALL_ATTEMPTS_MAX =>
+                    if attempt < RECALL_ATTEMPTS_MAX || tokio::time::Instant::now() < deadline =>
                 {
-                    tokio::task::yield_now().await;
+                    // Our own leases are back; what is still out is held by other nodes (or by
+                    // debits of ours that were past their check): ask everyone, then retry.
+                    if _recalling.is_none() {
+                        _recalling = Some(self.announce_recall(slot).await);
+                    }
+                    let pause = if attempt < RECALL_ATTEMPTS_MAX { 1 } else { 10 };
+                    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
                 }
                 result => return Ok(result?),
             }
         }
     }
 
+    /// Asks every node to give the org's leases back. While the returned guard lives, this
+    /// node ignores recall notices for the org (its own among them).
+    pub(crate) async fn announce_recall<'a>(&self, slot: &'a OrgSlot) -> RecallGuard<'a> {
+        slot.recalling
+            .store(true, std::sync::atomic::Ordering::Release);
+        m::store_call("announce");
+        if let Err(e) = self
+            .store
+            .announce(&Notice::Recall {
+                org: slot.org.clone(),
+            })
+            .await
+        {
+            tracing::warn!(org = %slot.org, error = %e, "recall notice failed");
+        }
+        RecallGuard(slot)
+    }
+
+    /// Rebuilds an org another node changed: give leases back, reload, lease again. The
+    /// caller holds the org's admin lock.
+    pub(crate) async fn reload(&self, slot: &Arc<OrgSlot>) -> Result<(), NodeError> {
+        slot.stale
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.settle_slots(std::slice::from_ref(slot), Wants::Recall)
+            .await?;
+        self.refresh(slot).await
+    }
+
+    /// Follows notices from other nodes until the store's notice stream ends.
+    pub(crate) async fn listen(
+        self: Arc<Self>,
+        mut notices: tokio::sync::broadcast::Receiver<Notice>,
+    ) {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            let notice = match notices.recv().await {
+                Ok(n) => n,
+                // Missed notices are not lost changes: settles carry the change epoch.
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return,
+            };
+            let org = match &notice {
+                Notice::Changed { org, .. } | Notice::Recall { org } => org.clone(),
+            };
+            let Some(slot) = self.orgs.get(&org).map(|s| Arc::clone(s.value())) else {
+                continue;
+            };
+            match notice {
+                Notice::Changed { version, .. } => {
+                    if version > slot.current().version {
+                        slot.stale.store(true, std::sync::atomic::Ordering::Release);
+                        let node = Arc::clone(&self);
+                        tokio::spawn(async move {
+                            if let Ok(_admin) = slot.admin.try_lock() {
+                                if let Err(e) = node.reload(&slot).await {
+                                    tracing::warn!(org = %slot.org, error = %e, "reload after a change notice failed");
+                                }
+                            }
+                        });
+                    }
+                }
+                Notice::Recall { .. } => {
+                    if slot.recalling.load(std::sync::atomic::Ordering::Acquire) {
+                        continue;
+                    }
+                    let node = Arc::clone(&self);
+                    tokio::spawn(async move { node.give_back(&slot).await });
+                }
+            }
+        }
+    }
+
+    /// Answers another node's recall: settle and return every lease of the org, then take
+    /// leases only on demand for a while, so credits flow to where they are needed.
+    async fn give_back(&self, slot: &Arc<OrgSlot>) {
+        let window = self
+            .options
+            .heartbeat_interval
+            .min(self.options.recall_wait_max * 2);
+        *slot.recalled_until.lock() = Some(tokio::time::Instant::now() + window);
+        let Ok(_admin) =
+            tokio::time::timeout(self.options.recall_wait_max, slot.admin.lock()).await
+        else {
+            return;
+        };
+        if let Err(e) = self
+            .settle_slots(std::slice::from_ref(slot), Wants::Recall)
+            .await
+        {
+            tracing::warn!(org = %slot.org, error = %e, "giving leases back failed");
+        }
+    }
+
     /// Rebuilds the org's cache from the store and takes leases again.
-    async fn refresh(&self, slot: &Arc<OrgSlot>) -> Result<(), NodeError> {
+    pub(crate) async fn refresh(&self, slot: &Arc<OrgSlot>) -> Result<(), NodeError> {
         m::store_call("load_org");
         let record = self
             .store
@@ -165,5 +266,17 @@ impl Node {
         self.rebuild(slot, &record);
         self.settle_slots(std::slice::from_ref(slot), Wants::All)
             .await
+    }
+}
+
+/// Marks an org as recalling leases on this node until dropped (also when the waiting call is
+/// cancelled by its timeout).
+pub(crate) struct RecallGuard<'a>(&'a OrgSlot);
+
+impl Drop for RecallGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .recalling
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 }

@@ -243,9 +243,22 @@ impl Node {
             Debit::Insufficient { remaining } => Decision::Insufficient { remaining },
             Debit::AskStore => {
                 let spender: WorkspaceId = account.pool.spender.clone();
-                self.settle_slots(&[Arc::clone(&slot)], Wants::One(spender, amount.get()))
+                let wants = Wants::One(spender, amount.get());
+                self.settle_slots(&[Arc::clone(&slot)], wants.clone())
                     .await?;
-                match account.debit(amount.get(), reserve) {
+                let mut decision = account.debit(amount.get(), reserve);
+                // Still short, but other nodes hold leases of this spender: ask them to give
+                // them back and try again until they do (the caller's lease wait bounds this).
+                if decision == Debit::AskStore && account.pool.others() > 0 {
+                    let _recalling = self.announce_recall(&slot).await;
+                    while decision == Debit::AskStore && account.pool.others() > 0 {
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                        self.settle_slots(&[Arc::clone(&slot)], wants.clone())
+                            .await?;
+                        decision = account.debit(amount.get(), reserve);
+                    }
+                }
+                match decision {
                     Debit::Allowed { remaining } => Decision::Allowed { remaining },
                     Debit::Insufficient { remaining } => Decision::Insufficient { remaining },
                     Debit::AskStore => Decision::Insufficient {

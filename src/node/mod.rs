@@ -40,7 +40,17 @@ pub enum LeasePolicy {
     /// Lease the spender's whole balance: right when this node is the only spender (embedded
     /// store), so that every decision is exact and made from memory.
     Whole,
+    /// Lease about `horizon` of the spender's recent rate, never more than `share_max_percent`
+    /// of what the store has left, never less than one debit: right when nodes share a balance.
+    Adaptive {
+        horizon: Duration,
+        share_max_percent: u64,
+    },
 }
+
+/// Smallest lease a node asks for ahead of need, so an idle spender's first burst does not
+/// queue on the store; still capped by the share of what is left.
+pub const LEASE_MIN: u64 = 100;
 
 /// The node's limits and policies.
 #[derive(Debug, Clone)]
@@ -55,12 +65,24 @@ pub struct NodeOptions {
     pub reservation_ttl: Duration,
     pub reservation_ttl_max: Duration,
     pub settle_batch_orgs_max: usize,
+    /// Longest a control-plane change waits for other nodes to give leases back.
+    pub recall_wait_max: Duration,
+    /// An org with nothing to report is still settled this often: the node's heartbeat, so
+    /// that its leases do not expire while it lives.
+    pub heartbeat_interval: Duration,
 }
 
 impl NodeOptions {
     pub fn from_config(config: &crate::config::Config) -> Self {
+        let lease_policy = match config.store {
+            crate::config::StoreKind::Embedded => LeasePolicy::Whole,
+            crate::config::StoreKind::Redis => LeasePolicy::Adaptive {
+                horizon: config.lease_horizon,
+                share_max_percent: config.lease_share_max_percent,
+            },
+        };
         NodeOptions {
-            lease_policy: LeasePolicy::Whole,
+            lease_policy,
             lease_wait_max: config.lease_wait_max,
             accounts_max: config.accounts_max,
             workspaces_max: config.workspaces_max,
@@ -70,6 +92,8 @@ impl NodeOptions {
             reservation_ttl: config.reservation_ttl,
             reservation_ttl_max: config.reservation_ttl_max,
             settle_batch_orgs_max: config.settle_batch_orgs_max,
+            recall_wait_max: config.recall_wait_max,
+            heartbeat_interval: config.lease_ttl / 3,
         }
     }
 }
@@ -163,10 +187,22 @@ impl OrgState {
 }
 
 /// The settle stream of one org.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct SettleStream {
     /// A batch sent but not acknowledged: re-sent unchanged before anything new.
     pub pending: Option<SettleBatch>,
+    /// When the last batch was built: spending rates are measured over it, heartbeats
+    /// timed from it.
+    pub last_batch: tokio::time::Instant,
+}
+
+impl Default for SettleStream {
+    fn default() -> Self {
+        SettleStream {
+            pending: None,
+            last_batch: tokio::time::Instant::now(),
+        }
+    }
 }
 
 /// One org's place on this node.
@@ -178,6 +214,12 @@ pub(crate) struct OrgSlot {
     pub retired: Mutex<Vec<Arc<OrgState>>>,
     pub admin: tokio::sync::Mutex<()>,
     pub settle: tokio::sync::Mutex<SettleStream>,
+    /// Another node changed the org (a newer change epoch was seen): rebuild at the next round.
+    pub stale: AtomicBool,
+    /// This node asked the others to give leases back: its own recall notice is not for it.
+    pub recalling: AtomicBool,
+    /// After a recall notice, leases are taken only on demand until then.
+    pub recalled_until: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl OrgSlot {
@@ -199,6 +241,7 @@ pub struct Node {
     reservations: DashMap<String, data::Reservation>,
     idempotency: DashMap<String, Arc<data::Remembered>>,
     /// Settle sequence numbers: one increasing counter for all orgs of this node's life.
+    /// (The store only needs them increasing per org; per-org settles are serialized.)
     seq: AtomicU64,
     /// Reservation ids: a counter for uniqueness, a random salt so ids are not guessable.
     reservation_counter: AtomicU64,
@@ -241,6 +284,9 @@ impl Node {
             ready: AtomicBool::new(true),
         });
         metrics::gauge!(crate::metrics::READY).set(1.0);
+        if let Some(notices) = node.store.subscribe() {
+            tokio::spawn(Arc::clone(&node).listen(notices));
+        }
         Ok(node)
     }
 
@@ -317,6 +363,9 @@ impl Node {
             retired: Mutex::new(Vec::new()),
             admin: tokio::sync::Mutex::new(()),
             settle: tokio::sync::Mutex::new(SettleStream::default()),
+            stale: AtomicBool::new(false),
+            recalling: AtomicBool::new(false),
+            recalled_until: Mutex::new(None),
         });
         self.orgs.insert(org_id, Arc::clone(&slot));
         // Take the first leases now, so that the first debits decide from memory. A failure

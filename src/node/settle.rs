@@ -6,9 +6,11 @@
 //! batch exactly once, so a timeout never loses or doubles usage.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{LeasePolicy, Node, NodeError, OrgSlot, OrgState, SettleStream};
+use tokio::time::Instant;
+
+use super::{LeasePolicy, Node, NodeError, OrgSlot, OrgState, SettleStream, LEASE_MIN};
 use crate::cache::STORE_LEFT_UNKNOWN;
 use crate::metrics as m;
 use crate::model::{OrgId, OrgRecord, SettleBatch, SettleReply, WorkspaceId};
@@ -87,10 +89,9 @@ impl Node {
             if blocked[i] {
                 continue;
             }
-            let batch = self.build_batch(slot, wants);
-            if batch.is_empty() {
+            let Some(batch) = self.build_batch(slot, streams[i], wants) else {
                 continue;
-            }
+            };
             streams[i].pending = Some(batch.clone());
             fresh.push((i, (slot.org.clone(), batch)));
         }
@@ -144,7 +145,13 @@ impl Node {
     }
 
     /// Collects usage from the current and retired states and adds lease requests or returns.
-    fn build_batch(&self, slot: &OrgSlot, wants: &Wants) -> SettleBatch {
+    /// `None` when there is nothing to send and no heartbeat is due.
+    fn build_batch(
+        &self,
+        slot: &OrgSlot,
+        stream: &mut SettleStream,
+        wants: &Wants,
+    ) -> Option<SettleBatch> {
         let state = slot.current();
         let retired: Vec<Arc<OrgState>> = slot.retired.lock().clone();
         let mut lines = Vec::new();
@@ -161,22 +168,33 @@ impl Node {
                 }
             }
         }
+        let recalled = slot
+            .recalled_until
+            .lock()
+            .is_some_and(|t| Instant::now() < t);
         let mut want = Vec::new();
         match wants {
             Wants::None => {}
+            Wants::All if recalled => {}
             Wants::All => {
                 for pool in &state.pools {
-                    if pool.store_left() != 0 {
-                        want.push((pool.spender.clone(), self.lease_size(pool.store_left())));
+                    if pool.store_left() == 0 {
+                        continue;
+                    }
+                    let target = self.lease_target(pool);
+                    // Refill ahead: top up below half the target, before the lease runs out.
+                    if pool.lease() < target / 2 + 1 {
+                        want.push((
+                            pool.spender.clone(),
+                            target.saturating_sub(pool.lease()).max(1),
+                        ));
                     }
                 }
             }
             Wants::One(spender, at_least) => {
                 if let Some(pool) = state.pool(spender) {
-                    want.push((
-                        pool.spender.clone(),
-                        self.lease_size(pool.store_left()).max(*at_least),
-                    ));
+                    let target = if recalled { 0 } else { self.lease_target(pool) };
+                    want.push((pool.spender.clone(), target.max(*at_least)));
                 }
             }
             Wants::Recall => {
@@ -191,20 +209,49 @@ impl Node {
                 }
             }
         }
-        SettleBatch {
+        let now = Instant::now();
+        let elapsed = now.duration_since(stream.last_batch);
+        let heartbeat_due = elapsed >= self.options.heartbeat_interval;
+        if lines.is_empty() && release.is_empty() && want.is_empty() && !heartbeat_due {
+            return None;
+        }
+        // Spending rates, for lease sizes: what each pool paid for since the last batch.
+        for pool in &state.pools {
+            let spent: u64 = lines
+                .iter()
+                .filter(|l| l.spender == pool.spender)
+                .map(|l| l.consumed.saturating_add(l.reserved))
+                .sum();
+            pool.observe_spending(spent, elapsed);
+        }
+        stream.last_batch = now;
+        Some(SettleBatch {
             node: self.node_id.clone(),
             epoch: self.epoch,
             seq: self.next_seq(),
             lines,
             release,
             want,
-        }
+        })
     }
 
-    /// How much lease to ask for.
-    fn lease_size(&self, _store_left: u64) -> u64 {
+    /// The lease a pool should hold ahead of need.
+    fn lease_target(&self, pool: &crate::cache::Pool) -> u64 {
         match self.options.lease_policy {
             LeasePolicy::Whole => u64::MAX,
+            LeasePolicy::Adaptive {
+                horizon,
+                share_max_percent,
+            } => {
+                let by_rate = (pool.rate_per_s() as f64 * horizon.as_secs_f64()).ceil() as u64;
+                let left = pool.store_left();
+                let cap = if left == STORE_LEFT_UNKNOWN {
+                    u64::MAX
+                } else {
+                    (left as u128 * share_max_percent as u128 / 100).max(1) as u64
+                };
+                by_rate.max(LEASE_MIN).min(cap)
+            }
         }
     }
 
@@ -246,6 +293,16 @@ impl Node {
         self.expire_reservations();
         self.expire_idempotency();
         let slots: Vec<Arc<OrgSlot>> = self.orgs.iter().map(|e| Arc::clone(e.value())).collect();
+        for slot in slots
+            .iter()
+            .filter(|s| s.stale.load(std::sync::atomic::Ordering::Acquire))
+        {
+            if let Ok(_admin) = slot.admin.try_lock() {
+                if let Err(e) = self.reload(slot).await {
+                    tracing::warn!(org = %slot.org, error = %e, "reloading a changed org failed");
+                }
+            }
+        }
         for chunk in slots.chunks(self.options.settle_batch_orgs_max) {
             // An org busy with a control-plane change or a refill is settled next round.
             let mut admin_guards = Vec::new();
