@@ -21,8 +21,8 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    unix_ms, AdminOp, AdminOutcome, IdempotencyKey, LedgerEntry, LedgerPage, NodeStart, Store,
-    StoreError,
+    unix_ms, AdminOp, AdminOutcome, IdempotencyKey, LedgerEntry, LedgerPage, NodeStart, Notice,
+    Store, StoreError,
 };
 use crate::model::{
     LedgerEvent, Mode, NodeId, OrgId, OrgRecord, PriorLife, SettleBatch, SettleReply, WorkspaceId,
@@ -33,6 +33,10 @@ const LEDGER: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("ledger
 const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
 /// Node epochs (`epoch:<node>`) and clean-stop markers (`clean:<node>`).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Notices kept for a slow receiver before it skips ahead (it loses nothing: settles carry the
+/// change epoch).
+const NOTICES_BUFFERED: usize = 1024;
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "creditd.redb";
@@ -67,6 +71,9 @@ struct Inner {
     orgs: Mutex<HashMap<OrgId, StoredOrg>>,
     idempotency_keys: Mutex<usize>,
     options: EmbeddedOptions,
+    /// Notices between nodes sharing this store in one process (tests of the cluster
+    /// protocol); a lone node receives only its own.
+    notices: tokio::sync::broadcast::Sender<Notice>,
 }
 
 /// The embedded store; cheap to clone.
@@ -125,6 +132,7 @@ impl EmbeddedStore {
                 db,
                 orgs: Mutex::new(orgs),
                 idempotency_keys: Mutex::new(keys),
+                notices: tokio::sync::broadcast::channel(NOTICES_BUFFERED).0,
                 options,
             }),
         })
@@ -337,7 +345,9 @@ impl Store for EmbeddedStore {
                 )),
                 _ => None,
             };
+            let version = next.record.version;
             inner.commit(&mut orgs, vec![(next, events)], remembered, &[])?;
+            let _ = inner.notices.send(Notice::Changed { org, version });
             Ok(outcome)
         })
         .await
@@ -448,6 +458,16 @@ impl Store for EmbeddedStore {
             Ok(())
         })
         .await
+    }
+
+    async fn announce(&self, notice: &Notice) -> Result<(), StoreError> {
+        // No receiver is not an error: nobody needs to hear it.
+        let _ = self.inner.notices.send(notice.clone());
+        Ok(())
+    }
+
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<Notice>> {
+        Some(self.inner.notices.subscribe())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
