@@ -32,6 +32,10 @@ enum Command {
         #[arg(long, env = "CREDITD_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Operator commands against a running node: org, credits, workspace, transfer, mode,
+    /// ledger (see `creditd help <command>`).
+    #[command(flatten)]
+    Operator(creditd::cli::Operator),
 }
 
 fn load(config: Option<PathBuf>) -> Result<Config, ExitCode> {
@@ -54,7 +58,19 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // A usage error exits 64 (EX_USAGE) like a bad configuration, not clap's 2; --help and
+    // --version still exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.exit_code() == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_CONFIG as u8)
+            };
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -80,6 +96,7 @@ fn main() -> ExitCode {
             };
             runtime.block_on(creditd::cli::healthcheck(&config))
         }
+        Command::Operator(operator) => runtime.block_on(creditd::cli::run(operator)),
     }
 }
 
