@@ -147,7 +147,7 @@ pub fn transfer(answer: &Value) -> String {
     }
     let mut out = table.render();
     if answer["dry_run"] == Value::Bool(true) {
-        out.push_str("dry run: nothing was changed; the balances are as they would be\n");
+        out.push_str("\ndry run: nothing was changed; the balances are as they would be\n");
     }
     out
 }
@@ -205,7 +205,7 @@ pub fn ledger(page: &Value, org: &str) -> String {
     }
     let mut out = table.render();
     if let Some(next) = page["next"].as_u64() {
-        out.push_str(&format!("more: creditd ledger {org} --after {next}\n"));
+        out.push_str(&format!("\nmore: creditd ledger {org} --after {next}\n"));
     }
     out
 }
