@@ -28,6 +28,7 @@ impl Node {
     ) -> Result<OrgView, NodeError> {
         m::store_call("create_org");
         let record = self.store.create_org(org, mode, primary).await?;
+        self.unknown_orgs.remove(org.as_str());
         metrics::counter!(m::ADMIN_OPERATIONS, "op" => "create_org").increment(1);
         tracing::info!(target: "audit", org = %org, mode = mode.as_str(), primary = %primary, "org created");
         Ok(record.view())
@@ -87,18 +88,6 @@ impl Node {
         key: Option<IdempotencyKey>,
     ) -> Result<AdminOutcome, NodeError> {
         let slot = self.slot(org).await?;
-        if matches!(op, AdminOp::CreateWorkspace { .. })
-            && slot.current().accounts.len() >= self.options.workspaces_max
-        {
-            m::limit_hit("workspaces");
-            return Err(NodeError::LimitExceeded {
-                limit: "workspaces",
-                message: format!(
-                    "org {org} reached the limit of {} workspaces",
-                    self.options.workspaces_max
-                ),
-            });
-        }
         let _admin = tokio::time::timeout(ADMIN_WAIT_MAX, slot.admin.lock())
             .await
             .map_err(|_| {
@@ -107,6 +96,31 @@ impl Node {
                     ADMIN_WAIT_MAX.as_secs()
                 ))
             })?;
+        // Checked under the admin lock: the state then includes every workspace created before,
+        // so concurrent creations cannot all pass the check at once.
+        if matches!(op, AdminOp::CreateWorkspace { .. }) {
+            if slot.current().accounts.len() >= self.options.workspaces_max {
+                m::limit_hit("workspaces");
+                return Err(NodeError::LimitExceeded {
+                    limit: "workspaces",
+                    message: format!(
+                        "org {org} reached the limit of {} workspaces",
+                        self.options.workspaces_max
+                    ),
+                });
+            }
+            // A new workspace of a cached org is one more cached account.
+            if self.cache.len() >= self.options.accounts_max {
+                m::limit_hit("accounts");
+                return Err(NodeError::LimitExceeded {
+                    limit: "accounts",
+                    message: format!(
+                        "accounts cached reached the limit of {}",
+                        self.options.accounts_max
+                    ),
+                });
+            }
+        }
         if let AdminOp::DeleteWorkspace { workspace } = &op {
             self.release_reservations_of(&slot.org, workspace);
         }
@@ -183,8 +197,6 @@ impl Node {
     /// Rebuilds an org another node changed: give leases back, reload, lease again. The
     /// caller holds the org's admin lock.
     pub(crate) async fn reload(&self, slot: &Arc<OrgSlot>) -> Result<(), NodeError> {
-        slot.stale
-            .store(false, std::sync::atomic::Ordering::Release);
         self.settle_slots(std::slice::from_ref(slot), Wants::Recall)
             .await?;
         self.refresh(slot).await
@@ -206,13 +218,15 @@ impl Node {
             let org = match &notice {
                 Notice::Changed { org, .. } | Notice::Recall { org } => org.clone(),
             };
+            self.unknown_orgs.remove(org.as_str());
             let Some(slot) = self.orgs.get(&org).map(|s| Arc::clone(s.value())) else {
                 continue;
             };
             match notice {
                 Notice::Changed { version, .. } => {
+                    slot.seen_version
+                        .fetch_max(version, std::sync::atomic::Ordering::AcqRel);
                     if version > slot.current().version {
-                        slot.stale.store(true, std::sync::atomic::Ordering::Release);
                         let node = Arc::clone(&self);
                         tokio::spawn(async move {
                             if let Ok(_admin) = slot.admin.try_lock() {

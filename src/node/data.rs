@@ -108,14 +108,7 @@ impl Node {
         ttl: std::time::Duration,
     ) -> Result<Reserved, NodeError> {
         if self.reservations.len() >= self.options.reservations_max {
-            crate::metrics::limit_hit("reservations");
-            return Err(NodeError::LimitExceeded {
-                limit: "reservations",
-                message: format!(
-                    "open reservations reached the limit of {}",
-                    self.options.reservations_max
-                ),
-            });
+            return Err(self.reservations_full());
         }
         let (decision, account) = self.take(org, ws, amount, true).await?;
         let expires_in_ms = ttl.as_millis() as u64;
@@ -139,6 +132,14 @@ impl Node {
             deadline: Instant::now() + ttl,
         };
         self.reservations.insert(id.clone(), reservation);
+        // The check above and this insert are not one step: concurrent reservations can pass
+        // the check together. Give back the ones that went over, so that the limit holds.
+        if self.reservations.len() > self.options.reservations_max {
+            if let Some((_, r)) = self.reservations.remove(&id) {
+                r.account.finish_reservation(r.amount, 0);
+                return Err(self.reservations_full());
+            }
+        }
         metrics::gauge!(crate::metrics::RESERVATIONS_OPEN).set(self.reservations.len() as f64);
         Ok(Reserved {
             decision,
@@ -285,9 +286,9 @@ impl Node {
     {
         let name = format!("{org}\u{1f}{scope}\u{1f}{key}");
         let ttl = self.options.idempotency_ttl;
-        let remembered = {
+        let (remembered, fresh) = {
             let full = self.idempotency.len() >= self.options.idempotency_keys_max;
-            let entry = self.idempotency.entry(name);
+            let entry = self.idempotency.entry(name.clone());
             match entry {
                 dashmap::Entry::Occupied(mut e) => {
                     if e.get().created.elapsed() > ttl {
@@ -297,18 +298,11 @@ impl Node {
                             answer: OnceCell::new(),
                         }));
                     }
-                    Arc::clone(e.get())
+                    (Arc::clone(e.get()), false)
                 }
                 dashmap::Entry::Vacant(e) => {
                     if full {
-                        crate::metrics::limit_hit("idempotency_keys");
-                        return Err(NodeError::LimitExceeded {
-                            limit: "idempotency_keys",
-                            message: format!(
-                                "idempotency keys remembered reached the limit of {}",
-                                self.options.idempotency_keys_max
-                            ),
-                        });
+                        return Err(self.idempotency_keys_full());
                     }
                     let r = Arc::new(Remembered {
                         fingerprint: fingerprint.clone(),
@@ -316,15 +310,52 @@ impl Node {
                         answer: OnceCell::new(),
                     });
                     e.insert(Arc::clone(&r));
-                    r
+                    (r, true)
                 }
             }
         };
+        // `full` and the insert are not one step: concurrent new keys can pass the check
+        // together. Take this key back if it went over, unless a call with the same key already
+        // holds it or has answered with it (forgetting it then could charge twice).
+        if fresh && self.idempotency.len() > self.options.idempotency_keys_max {
+            let unused = |_: &String, r: &Arc<Remembered>| {
+                Arc::ptr_eq(r, &remembered)
+                    && Arc::strong_count(r) == 2
+                    && !r.answer.initialized()
+            };
+            if self.idempotency.remove_if(&name, unused).is_some() {
+                return Err(self.idempotency_keys_full());
+            }
+        }
         if remembered.fingerprint != fingerprint {
             return Err(NodeError::IdempotencyMismatch(key.to_string()));
         }
         // A failed attempt (store unavailable) leaves the cell empty: a retry runs again.
         remembered.answer.get_or_try_init(f).await.cloned()
+    }
+
+    /// The refusal of a reservation beyond `reservations_max`, counted.
+    fn reservations_full(&self) -> NodeError {
+        crate::metrics::limit_hit("reservations");
+        NodeError::LimitExceeded {
+            limit: "reservations",
+            message: format!(
+                "open reservations reached the limit of {}",
+                self.options.reservations_max
+            ),
+        }
+    }
+
+    /// The refusal of a new idempotency key beyond `idempotency_keys_max`, counted.
+    fn idempotency_keys_full(&self) -> NodeError {
+        crate::metrics::limit_hit("idempotency_keys");
+        NodeError::LimitExceeded {
+            limit: "idempotency_keys",
+            message: format!(
+                "idempotency keys remembered reached the limit of {}",
+                self.options.idempotency_keys_max
+            ),
+        }
     }
 
     /// Releases reservations whose TTL passed.

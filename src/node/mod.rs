@@ -34,6 +34,13 @@ pub const ADMIN_WAIT_MAX: Duration = Duration::from_secs(30);
 /// back from debits that were already past their check when the recall began.
 pub const RECALL_ATTEMPTS_MAX: usize = 5;
 
+/// How long a node answers `unknown_org` from memory after the store said so. An org created
+/// through another node becomes visible here within this time.
+pub const UNKNOWN_ORG_TTL: Duration = Duration::from_secs(1);
+
+/// Unknown orgs remembered at most; the memory is cleared when full.
+pub const UNKNOWN_ORGS_MAX: usize = 10_000;
+
 /// How a node sizes the leases it asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeasePolicy {
@@ -214,8 +221,9 @@ pub(crate) struct OrgSlot {
     pub retired: Mutex<Vec<Arc<OrgState>>>,
     pub admin: tokio::sync::Mutex<()>,
     pub settle: tokio::sync::Mutex<SettleStream>,
-    /// Another node changed the org (a newer change epoch was seen): rebuild at the next round.
-    pub stale: AtomicBool,
+    /// The newest change epoch seen for the org (settle replies, notices): newer than the
+    /// state's means another node changed the org, and the next round rebuilds it.
+    pub seen_version: AtomicU64,
     /// This node asked the others to give leases back: its own recall notice is not for it.
     pub recalling: AtomicBool,
     /// After a recall notice, leases are taken only on demand until then.
@@ -238,6 +246,8 @@ pub struct Node {
     orgs: DashMap<OrgId, Arc<OrgSlot>>,
     /// Serializes loading orgs into the cache, so that one org is loaded once.
     loading: tokio::sync::Mutex<()>,
+    /// Orgs the store did not know, recently: answered from memory for [`UNKNOWN_ORG_TTL`].
+    unknown_orgs: DashMap<Box<str>, tokio::time::Instant>,
     reservations: DashMap<String, data::Reservation>,
     idempotency: DashMap<String, Arc<data::Remembered>>,
     /// Settle sequence numbers: one increasing counter for all orgs of this node's life.
@@ -276,6 +286,7 @@ impl Node {
             cache: Cache::new(),
             orgs: DashMap::new(),
             loading: tokio::sync::Mutex::new(()),
+            unknown_orgs: DashMap::new(),
             reservations: DashMap::new(),
             idempotency: DashMap::new(),
             seq: AtomicU64::new(0),
@@ -333,16 +344,28 @@ impl Node {
         }
         let org_id =
             OrgId::parse(org, "org").map_err(|_| NodeError::UnknownOrg(org.to_string()))?;
-        let _loading = self.loading.lock().await;
+        if self
+            .unknown_orgs
+            .get(org)
+            .is_some_and(|t| t.elapsed() < UNKNOWN_ORG_TTL)
+        {
+            return Err(NodeError::UnknownOrg(org.to_string()));
+        }
+        let loading = self.loading.lock().await;
         if let Some(slot) = self.orgs.get(org) {
             return Ok(Arc::clone(slot.value()));
         }
         crate::metrics::store_call("load_org");
-        let record = self
-            .store
-            .load_org(&org_id)
-            .await?
-            .ok_or_else(|| NodeError::UnknownOrg(org.to_string()))?;
+        let record = self.store.load_org(&org_id).await?.ok_or_else(|| {
+            // Remember the miss briefly: a flood of requests for an org that does not
+            // exist must not become a flood of store calls.
+            if self.unknown_orgs.len() >= UNKNOWN_ORGS_MAX {
+                self.unknown_orgs.clear();
+            }
+            self.unknown_orgs
+                .insert(org.into(), tokio::time::Instant::now());
+            NodeError::UnknownOrg(org.to_string())
+        })?;
         if self.cache.len() + record.workspaces.len() > self.options.accounts_max {
             crate::metrics::limit_hit("accounts");
             return Err(NodeError::LimitExceeded {
@@ -363,11 +386,15 @@ impl Node {
             retired: Mutex::new(Vec::new()),
             admin: tokio::sync::Mutex::new(()),
             settle: tokio::sync::Mutex::new(SettleStream::default()),
-            stale: AtomicBool::new(false),
+            seen_version: AtomicU64::new(0),
             recalling: AtomicBool::new(false),
             recalled_until: Mutex::new(None),
         });
+        // Nobody else can hold the new slot's admin lock yet: take it, so that debits arriving
+        // before the first lease wait for it instead of asking the store themselves.
+        let admin = slot.admin.lock().await;
         self.orgs.insert(org_id, Arc::clone(&slot));
+        drop(loading);
         // Take the first leases now, so that the first debits decide from memory. A failure
         // here is not fatal: debits will ask again.
         if let Err(e) = self
@@ -376,6 +403,7 @@ impl Node {
         {
             tracing::warn!(org, error = %e, "first lease failed");
         }
+        drop(admin);
         Ok(slot)
     }
 

@@ -275,6 +275,7 @@ impl Node {
                 }
             }
         }
+        let mine = record.nodes.get(&self.node_id);
         for pool in &state.pools {
             let left = if record.spender_of(&pool.spender) == Some(&pool.spender) {
                 record
@@ -284,8 +285,16 @@ impl Node {
             } else {
                 0
             };
+            let own = mine
+                .and_then(|n| n.leases.get(&pool.spender))
+                .copied()
+                .unwrap_or(0);
+            pool.set_others(record.leased(&pool.spender).saturating_sub(own));
             pool.set_store_left(left);
         }
+        // A newer change epoch means another node changed the org: rebuild next round.
+        slot.seen_version
+            .fetch_max(record.version, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// One settler round over every org: usage, top-ups, expired reservations, gauges.
@@ -293,10 +302,9 @@ impl Node {
         self.expire_reservations();
         self.expire_idempotency();
         let slots: Vec<Arc<OrgSlot>> = self.orgs.iter().map(|e| Arc::clone(e.value())).collect();
-        for slot in slots
-            .iter()
-            .filter(|s| s.stale.load(std::sync::atomic::Ordering::Acquire))
-        {
+        for slot in slots.iter().filter(|s| {
+            s.seen_version.load(std::sync::atomic::Ordering::Acquire) > s.current().version
+        }) {
             if let Ok(_admin) = slot.admin.try_lock() {
                 if let Err(e) = self.reload(slot).await {
                     tracing::warn!(org = %slot.org, error = %e, "reloading a changed org failed");
