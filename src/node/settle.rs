@@ -79,6 +79,7 @@ impl Node {
                     }
                     Err(e) => {
                         blocked[i] = true;
+                        drop_if_refused(&slots[i], streams[i], &e);
                         first_error.get_or_insert(e);
                     }
                 }
@@ -105,6 +106,7 @@ impl Node {
                         self.apply_reply(&slots[i], &reply, &record);
                     }
                     Err(e) => {
+                        drop_if_refused(&slots[i], streams[i], &e);
                         first_error.get_or_insert(e);
                     }
                 }
@@ -416,6 +418,19 @@ impl Node {
         m::store_call("stop_node");
         self.store.stop_node(&self.node_id).await?;
         Ok(())
+    }
+}
+
+/// A batch the store refused (rather than failed to answer) will never be accepted: keep it
+/// and the org's settlement stops for good. It is dropped, loudly; its usage is lost to the
+/// store (under-charged, never over-charged). Only a bug or a second process with this node's
+/// id can cause it.
+fn drop_if_refused(slot: &OrgSlot, stream: &mut SettleStream, e: &NodeError) {
+    if matches!(e, NodeError::Unavailable(_)) {
+        return;
+    }
+    if let Some(batch) = stream.pending.take() {
+        tracing::error!(org = %slot.org, seq = batch.seq, error = %e, "settle batch refused by the store; dropped");
     }
 }
 
