@@ -24,6 +24,28 @@ pub const READY: &str = "creditd_ready";
 pub const UNCLEAN_RESTARTS: &str = "creditd_unclean_restarts_total";
 pub const BUILD_INFO: &str = "creditd_build_info";
 
+/// Every value of [`LIMIT_HITS`]'s `limit` label (the README's metrics table lists them too).
+pub const LIMITS: [&str; 7] = [
+    "body_bytes",
+    "accounts",
+    "workspaces",
+    "idempotency_keys",
+    "reservations",
+    "connections",
+    "header_timeout",
+];
+
+/// Counters that exist at 0 from the start. A counter first rendered at 1 looks unchanged to
+/// `rate()` and `increase()`: an unclean restart (counted during start-up) or a first settle
+/// error would never fire the alerts of docker/prometheus/alerts.yml.
+const COUNTERS_FROM_ZERO: [&str; 5] = [
+    CREDITS_DEBITED,
+    SETTLE_BATCHES,
+    SETTLE_ERRORS,
+    RESERVATIONS_EXPIRED,
+    UNCLEAN_RESTARTS,
+];
+
 /// Hot-path latency buckets: the handler answers in microseconds, so most buckets are below a
 /// millisecond. Without explicit buckets the exporter would render a summary.
 const DEBIT_BUCKETS: &[f64] = &[
@@ -67,6 +89,12 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         .set_buckets_for_metric(Matcher::Full(SETTLE_DURATION.into()), SETTLE_BUCKETS)?
         .install_recorder()?;
     describe();
+    for name in COUNTERS_FROM_ZERO {
+        metrics::counter!(name).increment(0);
+    }
+    for limit in LIMITS {
+        metrics::counter!(LIMIT_HITS, "limit" => limit).increment(0);
+    }
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(handle)
 }
@@ -145,6 +173,10 @@ fn describe() {
 
 /// Counts a hit of the named limit.
 pub fn limit_hit(limit: &'static str) {
+    debug_assert!(
+        LIMITS.contains(&limit),
+        "limit label {limit:?} is missing from metrics::LIMITS"
+    );
     metrics::counter!(LIMIT_HITS, "limit" => limit).increment(1);
 }
 
