@@ -2,6 +2,8 @@
 
 mod ids;
 mod org;
+#[cfg(test)]
+mod tests;
 
 pub use ids::{
     is_valid_id, Amount, InvalidInput, NodeId, OrgId, WorkspaceId, AMOUNT_MAX, ID_BYTES_MAX,

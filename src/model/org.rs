@@ -526,16 +526,21 @@ impl OrgRecord {
         share.seq = batch.seq;
         share.seen_ms = now_ms;
 
+        // Lines are increments over one interval and several lines may share a spender (every
+        // workspace spends the Primary's lease in shared mode): one workspace may have spent what
+        // another's reservation gave back. So every line's credits apply before any line's
+        // debits; only the net result per lease and per reservation must not go negative.
         for line in &batch.lines {
             let lease = share.leases.entry(line.spender.clone()).or_default();
-            let credit = add(*lease, line.released)?;
-            *lease = sub(credit, add(line.consumed, line.reserved)?, "lease")?;
+            *lease = add(*lease, line.released)?;
             let held = share.held.entry(line.workspace.clone()).or_default();
-            *held = sub(
-                add(*held, line.reserved)?,
-                add(line.committed, line.released)?,
-                "held",
-            )?;
+            *held = add(*held, line.reserved)?;
+        }
+        for line in &batch.lines {
+            let lease = share.leases.entry(line.spender.clone()).or_default();
+            *lease = sub(*lease, add(line.consumed, line.reserved)?, "lease")?;
+            let held = share.held.entry(line.workspace.clone()).or_default();
+            *held = sub(*held, add(line.committed, line.released)?, "held")?;
             let used = add(line.consumed, line.committed)?;
             if used > 0 {
                 match next.workspaces.get_mut(&line.workspace) {
