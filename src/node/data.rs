@@ -319,9 +319,7 @@ impl Node {
         // holds it or has answered with it (forgetting it then could charge twice).
         if fresh && self.idempotency.len() > self.options.idempotency_keys_max {
             let unused = |_: &String, r: &Arc<Remembered>| {
-                Arc::ptr_eq(r, &remembered)
-                    && Arc::strong_count(r) == 2
-                    && !r.answer.initialized()
+                Arc::ptr_eq(r, &remembered) && Arc::strong_count(r) == 2 && !r.answer.initialized()
             };
             if self.idempotency.remove_if(&name, unused).is_some() {
                 return Err(self.idempotency_keys_full());
