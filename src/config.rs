@@ -249,6 +249,8 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         let mut errors = Vec::new();
+        // Keys refused while parsing, so that validation does not judge them a second time.
+        let mut bad: Vec<String> = Vec::new();
         let mut table = match file {
             Some(path) => match std::fs::read_to_string(path) {
                 Ok(text) => match text.parse::<toml::Table>() {
@@ -284,17 +286,24 @@ impl Config {
                     "false" | "0" => {
                         table.insert(key, toml::Value::Boolean(false));
                     }
-                    _ => errors.push(format!("{name}: `{value}` is not true or false")),
+                    _ => {
+                        errors.push(format!("{name}: `{value}` is not true or false"));
+                        bad.push(key);
+                    }
                 },
                 Some((_, Kind::Int)) => match value.trim().parse::<i64>() {
                     Ok(n) => {
                         table.insert(key, toml::Value::Integer(n));
                     }
-                    Err(_) => errors.push(format!("{name}: `{value}` is not an integer")),
+                    Err(_) => {
+                        errors.push(format!("{name}: `{value}` is not an integer"));
+                        bad.push(key);
+                    }
                 },
             }
         }
         // Deserialize key by key so that every bad key is reported, not just the first.
+        let mut good = toml::Table::new();
         for (key, value) in &table {
             if !KEYS.iter().any(|(k, _)| k == key) {
                 errors.push(format!("{key}: unknown setting"));
@@ -302,11 +311,28 @@ impl Config {
             }
             let mut one = toml::Table::new();
             one.insert(key.clone(), value.clone());
-            if let Err(e) = toml::Value::Table(one).try_into::<Config>() {
-                errors.push(format!("{key}: {}", e.message().trim()));
+            match toml::Value::Table(one).try_into::<Config>() {
+                Ok(_) => {
+                    good.insert(key.clone(), value.clone());
+                }
+                Err(e) => {
+                    errors.push(format!("{key}: {}", e.message().trim()));
+                    bad.push(key.clone());
+                }
             }
         }
         if !errors.is_empty() {
+            // Validate the keys that did parse as well, so that one run names every bad key
+            // (`authorize_deny_status = 500` beside `settle_interval = "fast"`). A check that
+            // mentions a refused key is left out: it would judge the default standing in for it.
+            if let Ok(partial) = toml::Value::Table(good).try_into::<Config>() {
+                if let Err(ConfigError(more)) = partial.validate() {
+                    errors.extend(
+                        more.into_iter()
+                            .filter(|m| !bad.iter().any(|k| m.contains(k.as_str()))),
+                    );
+                }
+            }
             return Err(ConfigError(errors));
         }
         let config: Config = toml::Value::Table(table)
@@ -520,5 +546,23 @@ mod tests {
         .to_string();
         assert!(err.contains("authorize_deny_status"), "{err}");
         assert!(err.contains("node_id"), "{err}");
+    }
+
+    #[test]
+    fn values_out_of_range_are_named_beside_values_that_do_not_parse() {
+        let err = Config::load(
+            None,
+            env(&[
+                ("CREDITD_SETTLE_INTERVAL", "fast"),
+                ("CREDITD_LEASE_TTL", "1s"),
+                ("CREDITD_AUTHORIZE_DENY_STATUS", "500"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("settle_interval: `fast`"), "{err}");
+        assert!(err.contains("authorize_deny_status"), "{err}");
+        // lease_ttl is judged against settle_interval, which did not parse: not named twice.
+        assert!(!err.contains("lease_ttl"), "{err}");
     }
 }

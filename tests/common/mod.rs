@@ -405,3 +405,136 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+// Helpers for the durability, concurrency and config tests.
+
+/// The value of metric `name` in a Prometheus text exposition: the sum of its samples (all
+/// label sets), or 0 when it is absent (a counter that was never incremented is not rendered).
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            // `name{labels} value` or `name value`; not `name_suffix ...`.
+            let rest = match rest.chars().next()? {
+                '{' => &rest[rest.find('}')? + 1..],
+                ' ' => rest,
+                _ => return None,
+            };
+            rest.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+impl Client {
+    /// `GET /metrics` as text; fails the test on any other status.
+    pub async fn metrics_text(&self) -> String {
+        let a = self.get("/metrics").await;
+        assert_eq!(a.status, StatusCode::OK, "metrics: {}", a.text);
+        a.text
+    }
+
+    /// Every ledger entry of `org`, oldest first, following `next` cursors (at most 1,000 pages).
+    pub async fn ledger_all(&self, org: &str) -> Vec<Value> {
+        let mut entries = Vec::new();
+        let mut after: Option<u64> = None;
+        for _ in 0..1000 {
+            let path = match after {
+                Some(cursor) => format!("/v1/orgs/{org}/ledger?limit=100&after={cursor}"),
+                None => format!("/v1/orgs/{org}/ledger?limit=100"),
+            };
+            let a = self.get(&path).await;
+            assert_eq!(a.status, StatusCode::OK, "ledger: {}", a.text);
+            entries.extend(
+                a.body["entries"]
+                    .as_array()
+                    .expect("entries")
+                    .iter()
+                    .cloned(),
+            );
+            match a.body["next"].as_u64() {
+                Some(cursor) => after = Some(cursor),
+                None => return entries,
+            }
+        }
+        panic!("ledger of {org} has more than 1000 pages");
+    }
+
+    /// `POST /v1/reservations`; returns the reservation id, asserting `201`.
+    pub async fn reserve(&self, org: &str, ws: &str, amount: u64, ttl_ms: u64) -> String {
+        let a = self
+            .post(
+                "/v1/reservations",
+                serde_json::json!({"org": org, "workspace": ws, "amount": amount, "ttl_ms": ttl_ms}),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::CREATED, "reserve: {}", a.text);
+        a.body["reservation"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no reservation id in {}", a.text))
+            .to_string()
+    }
+
+    /// `POST /v1/reservations/{id}/commit`.
+    pub async fn commit(&self, id: &str, amount: u64) -> Answer {
+        self.post(
+            &format!("/v1/reservations/{id}/commit"),
+            serde_json::json!({"amount": amount}),
+        )
+        .await
+    }
+
+    /// `PUT /v1/orgs/{org}/mode`, asserting `200`; returns the org view.
+    pub async fn set_mode(&self, org: &str, mode: &str) -> Value {
+        let a = self
+            .put(
+                &format!("/v1/orgs/{org}/mode"),
+                serde_json::json!({"mode": mode}),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "set mode: {}", a.text);
+        a.body
+    }
+}
+
+/// Runs the creditd binary with exactly the variables `env` (plus PATH) in `cwd`, waits at most
+/// `limit` for it to exit, and returns its status and stderr. For commands that exit by
+/// themselves (a refused configuration, `healthcheck`).
+pub fn run_binary(
+    args: &[&str],
+    env: &[(&str, &str)],
+    cwd: &Path,
+    limit: Duration,
+) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    let mut cmd = Command::new(binary());
+    cmd.args(args)
+        .current_dir(cwd)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn creditd");
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            // Never leave a stray server behind a failed test.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("creditd {args:?} did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    (status, stderr)
+}
