@@ -202,9 +202,11 @@ impl Node {
         self.refresh(slot).await
     }
 
-    /// Follows notices from other nodes until the store's notice stream ends.
+    /// Follows notices from other nodes until the store's notice stream ends or the node is
+    /// gone. It holds the node weakly: the stream's sender lives in the store the node owns,
+    /// so a strong reference would keep both alive forever.
     pub(crate) async fn listen(
-        self: Arc<Self>,
+        node: std::sync::Weak<Node>,
         mut notices: tokio::sync::broadcast::Receiver<Notice>,
     ) {
         use tokio::sync::broadcast::error::RecvError;
@@ -215,35 +217,41 @@ impl Node {
                 Err(RecvError::Lagged(_)) => continue,
                 Err(RecvError::Closed) => return,
             };
-            let org = match &notice {
-                Notice::Changed { org, .. } | Notice::Recall { org } => org.clone(),
-            };
-            self.unknown_orgs.remove(org.as_str());
-            let Some(slot) = self.orgs.get(&org).map(|s| Arc::clone(s.value())) else {
-                continue;
-            };
-            match notice {
-                Notice::Changed { version, .. } => {
-                    slot.seen_version
-                        .fetch_max(version, std::sync::atomic::Ordering::AcqRel);
-                    if version > slot.current().version {
-                        let node = Arc::clone(&self);
-                        tokio::spawn(async move {
-                            if let Ok(_admin) = slot.admin.try_lock() {
-                                if let Err(e) = node.reload(&slot).await {
-                                    tracing::warn!(org = %slot.org, error = %e, "reload after a change notice failed");
-                                }
-                            }
-                        });
-                    }
-                }
-                Notice::Recall { .. } => {
-                    if slot.recalling.load(std::sync::atomic::Ordering::Acquire) {
-                        continue;
-                    }
+            let Some(this) = node.upgrade() else { return };
+            this.follow(notice);
+        }
+    }
+
+    /// Acts on one notice.
+    fn follow(self: Arc<Self>, notice: Notice) {
+        let org = match &notice {
+            Notice::Changed { org, .. } | Notice::Recall { org } => org.clone(),
+        };
+        self.unknown_orgs.remove(org.as_str());
+        let Some(slot) = self.orgs.get(&org).map(|s| Arc::clone(s.value())) else {
+            return;
+        };
+        match notice {
+            Notice::Changed { version, .. } => {
+                slot.seen_version
+                    .fetch_max(version, std::sync::atomic::Ordering::AcqRel);
+                if version > slot.current().version {
                     let node = Arc::clone(&self);
-                    tokio::spawn(async move { node.give_back(&slot).await });
+                    tokio::spawn(async move {
+                        if let Ok(_admin) = slot.admin.try_lock() {
+                            if let Err(e) = node.reload(&slot).await {
+                                tracing::warn!(org = %slot.org, error = %e, "reload after a change notice failed");
+                            }
+                        }
+                    });
                 }
+            }
+            Notice::Recall { .. } => {
+                if slot.recalling.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                let node = Arc::clone(&self);
+                tokio::spawn(async move { node.give_back(&slot).await });
             }
         }
     }

@@ -296,7 +296,7 @@ impl Node {
         });
         metrics::gauge!(crate::metrics::READY).set(1.0);
         if let Some(notices) = node.store.subscribe() {
-            tokio::spawn(Arc::clone(&node).listen(notices));
+            tokio::spawn(Node::listen(Arc::downgrade(&node), notices));
         }
         Ok(node)
     }
