@@ -10,5 +10,5 @@ pub use ids::{
 };
 pub use org::{
     LedgerEvent, Mode, NodeShare, OrgRecord, OrgView, PriorLife, RuleError, SettleBatch,
-    SettleReply, UsageLine, WorkspaceRecord, WorkspaceView,
+    SettleReply, UsageLine, WorkspaceRecord, WorkspaceView, CREDITS_MAX,
 };

@@ -262,6 +262,13 @@ impl OrgView {
     }
 }
 
+/// Largest value any credit counter of an org may reach: 2^53 - 1. The Redis store's Lua
+/// scripts compute with doubles, which are exact only up to 2^53, so both stores refuse (with
+/// [`RuleError::Overflow`]) a purchase that would take `purchased` beyond it. Every other counter
+/// (a balance, a lease, a reservation, `used`) is a part of `purchased` by conservation, so it can
+/// never exceed it either.
+pub const CREDITS_MAX: u64 = (1 << 53) - 1;
+
 fn add(a: u64, b: u64) -> Result<u64, RuleError> {
     a.checked_add(b).ok_or(RuleError::Overflow)
 }
@@ -330,6 +337,9 @@ impl OrgRecord {
     /// Rule 1: purchased credits land in the Primary.
     pub fn purchase(&mut self, amount: Amount) -> Result<LedgerEvent, RuleError> {
         let purchased = add(self.purchased, amount.get())?;
+        if purchased > CREDITS_MAX {
+            return Err(RuleError::Overflow);
+        }
         let primary = self.primary.clone();
         let ws = self.ws_mut(&primary)?;
         ws.balance = add(ws.balance, amount.get())?;
@@ -681,6 +691,28 @@ impl OrgRecord {
         }
         debug_assert!(copy.is_conserved());
         Ok(copy)
+    }
+
+    /// Closes every node but `except` whose last settle is older than `lease_ttl_ms` and that
+    /// still holds something: what it held counts as consumed (`lease_expired`), since it may
+    /// have spent it and nobody may spend it twice. Nodes are closed in id order. The Redis store
+    /// runs this after every applied settle (`except` is the settling node); the embedded store
+    /// never does, since its one node cannot be silent while it settles.
+    pub fn expire_nodes(
+        &mut self,
+        now_ms: u64,
+        lease_ttl_ms: u64,
+        except: &NodeId,
+    ) -> Result<Vec<LedgerEvent>, RuleError> {
+        let mut next = self.clone();
+        let mut events = Vec::new();
+        for node in self.expired_nodes(now_ms, lease_ttl_ms) {
+            if node != *except {
+                events.extend(next.close_node(&node, PriorLife::CountAsConsumed)?);
+            }
+        }
+        *self = next;
+        Ok(events)
     }
 
     /// Nodes whose last settle is older than `lease_ttl_ms` and that still hold something.
