@@ -13,6 +13,7 @@ use crate::api::{self, ApiOptions, App};
 use crate::config::{Config, StoreKind};
 use crate::node::{Node, NodeError, NodeOptions};
 use crate::store::embedded::{EmbeddedOptions, EmbeddedStore};
+use crate::store::redis::{RedisOpenError, RedisOptions, RedisStore};
 use crate::store::{Store, StoreError};
 
 /// Why creditd could not start or stop cleanly.
@@ -20,6 +21,8 @@ use crate::store::{Store, StoreError};
 pub enum RunError {
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
+    #[error("cannot open the redis store: {0}")]
+    Redis(#[from] RedisOpenError),
     #[error("cannot start the node: {0}")]
     Node(#[from] NodeError),
     #[error("cannot listen on {addr}: {source}")]
@@ -40,7 +43,7 @@ pub struct Server {
 }
 
 /// Opens the store named by the configuration.
-pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, RunError> {
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, RunError> {
     match config.store {
         StoreKind::Embedded => {
             let options = EmbeddedOptions {
@@ -49,8 +52,8 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, RunError> {
             };
             Ok(Arc::new(EmbeddedStore::open(&config.data_dir, options)?))
         }
-        StoreKind::Redis => Err(RunError::Unsupported(
-            "store = \"redis\" is not available in this build yet; use the embedded store".into(),
+        StoreKind::Redis => Ok(Arc::new(
+            RedisStore::open(RedisOptions::from_config(config)).await?,
         )),
     }
 }
@@ -61,7 +64,7 @@ impl Server {
         config: Config,
         metrics: Option<PrometheusHandle>,
     ) -> Result<Server, RunError> {
-        let store = open_store(&config)?;
+        let store = open_store(&config).await?;
         let node = Node::start(store, config.node(), NodeOptions::from_config(&config)).await?;
         let listener = TcpListener::bind(config.listen)
             .await

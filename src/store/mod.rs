@@ -1,12 +1,13 @@
 //! The truth behind the cache: one trait, two backends with the same semantics.
 //!
 //! - [`embedded`]: one node, a redb file on disk; the default.
-//! - `redis`: many nodes sharing one Redis; every change is one Lua script (issue [cluster]).
+//! - [`redis`]: many nodes sharing one Redis or Redis Cluster; every change is one Lua script.
 //!
 //! The store is never called per request. The node calls it for control-plane operations and,
 //! from its settler, once per org per batch to report usage and take leases (DESIGN.md).
 
 pub mod embedded;
+pub mod redis;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,216 @@
+-- apply.lua: one control-plane operation on one org, with its idempotency key checked and
+-- remembered in the same script.
+--
+-- KEYS: 1 creditd:{org}:meta, 2 creditd:{org}:bal, 3 creditd:{org}:used,
+--       4 creditd:{org}:nodes, 5 creditd:{org}:ledger,
+--       6 creditd:{org}:idem (zset: remembered keys by expiry time, ms),
+--       7 creditd:{org}:idem:<scope>:<key> (only with an idempotency key)
+-- ARGV: 1 org, 2 op, 3..5 the op's arguments:
+--         purchase amount | create_workspace ws | delete_workspace ws |
+--         transfer from to amount | set_mode mode
+--       6 fingerprint, 7 ttl_ms, 8 keys_max (only with an idempotency key; else absent)
+-- Reply: {'ok', returned, state...}: applied; `returned` is what a deletion gave back to the
+--          Primary (0 otherwise), state as state_tokens();
+--        {'replay', returned, state}: the remembered outcome of an earlier call with this key
+--          (state is state_tokens() joined by spaces, as remembered);
+--        {'err', code, ...}: refused, nothing written. Codes: unknown_org, unknown_workspace ws,
+--          workspace_exists ws, primary_workspace ws, wrong_mode mode, same_workspace,
+--          insufficient ws available wanted, leases_outstanding ws leased, overflow,
+--          idempotency_mismatch, limit_exceeded max, invalid why, corrupt why.
+-- Invariant: the rules of src/model/org.rs (purchase, create_workspace, delete_workspace,
+--   transfer, set_mode), all or nothing: state and ledger change together, conservation holds
+--   before and after, `purchased` never exceeds 2^53-1; a key is remembered only with the
+--   outcome of the operation it applied, and one key never applies two operations.
+-- Work: O(workspaces + nodes' leases) to read and answer the state.
+return run(function()
+  local org = arg_id(1, 'org')
+  local prefix = prefix_of(org)
+  check_keys(prefix, { 'meta', 'bal', 'used', 'nodes', 'ledger', 'idem' })
+  local op = ARGV[2]
+  local with_key = #KEYS == 7
+  if with_key and string.sub(KEYS[7], 1, #prefix + 5) ~= prefix .. 'idem:' then
+    refuse('invalid', 'KEYS[7] is not an idempotency key of org ' .. org)
+  end
+  if (with_key and #ARGV ~= 8) or (not with_key and #ARGV ~= 5) then
+    refuse('invalid', 'wrong number of arguments: ' .. #ARGV)
+  end
+
+  -- Arguments first.
+  local amount, ws, from, to, mode
+  if op == 'purchase' then
+    amount = arg_number(3, 'amount')
+    if amount < 1 or amount > CAP then
+      refuse('invalid', 'amount out of range: ' .. ARGV[3])
+    end
+  elseif op == 'create_workspace' or op == 'delete_workspace' then
+    ws = arg_id(3, 'workspace')
+  elseif op == 'transfer' then
+    from = arg_id(3, 'from')
+    to = arg_id(4, 'to')
+    amount = arg_number(5, 'amount')
+    if amount < 1 or amount > CAP then
+      refuse('invalid', 'amount out of range: ' .. ARGV[5])
+    end
+  elseif op == 'set_mode' then
+    mode = arg_mode(3)
+  else
+    refuse('invalid', 'unknown op ' .. tostring(op))
+  end
+  local fingerprint, ttl_ms, keys_max
+  if with_key then
+    fingerprint = ARGV[6]
+    ttl_ms = arg_number(7, 'ttl_ms')
+    keys_max = arg_number(8, 'keys_max')
+    if ttl_ms < 1 or ttl_ms > CAP or keys_max > CAP then
+      refuse('invalid', 'ttl_ms or keys_max out of range')
+    end
+  end
+
+  -- Then every read.
+  local st = load_state(prefix)
+  if st == nil then
+    refuse('unknown_org')
+  end
+  local now = now_ms()
+  if with_key then
+    local remembered = hgetall_map(KEYS[7])
+    if remembered.fp ~= nil then
+      if remembered.fp ~= fingerprint then
+        refuse('idempotency_mismatch')
+      end
+      return { 'replay', remembered.returned, remembered.state }
+    end
+    local live = redis.call('ZCOUNT', KEYS[6], '(' .. fmt(now), '+inf')
+    if live >= keys_max then
+      refuse('limit_exceeded', fmt(keys_max))
+    end
+  end
+  check_conserved(st)
+
+  -- The rule, on the tables only.
+  local events = {}
+  local returned = 0
+  if op == 'purchase' then
+    -- Rule 1; 2^53-1 caps `purchased`, and with it every other counter.
+    if st.purchased + amount > CAP then
+      refuse('overflow')
+    end
+    st.purchased = st.purchased + amount
+    st.ws[st.primary].balance = st.ws[st.primary].balance + amount
+    st.dirty_ws[st.primary] = true
+    st.version = st.version + 1
+    st.changed = true
+    events[1] = ev.purchase(st.primary, amount)
+  elseif op == 'create_workspace' then
+    if st.ws[ws] ~= nil then
+      refuse('workspace_exists', ws)
+    end
+    st.ws[ws] = { balance = 0, used = 0 }
+    st.dirty_ws[ws] = true
+    st.version = st.version + 1
+    st.changed = true
+    events[1] = ev.workspace_created(ws)
+  elseif op == 'delete_workspace' then
+    -- Rule 5.
+    if ws == st.primary then
+      refuse('primary_workspace', ws)
+    end
+    local w = st.ws[ws]
+    if w == nil then
+      refuse('unknown_workspace', ws)
+    end
+    local l = leased(st, ws)
+    if l > 0 then
+      refuse('leases_outstanding', ws, fmt(l))
+    end
+    returned = w.balance
+    st.used_deleted = st.used_deleted + w.used
+    st.ws[st.primary].balance = st.ws[st.primary].balance + returned
+    st.dirty_ws[st.primary] = true
+    st.ws[ws] = nil
+    st.dirty_ws[ws] = true
+    st.version = st.version + 1
+    st.changed = true
+    events[1] = ev.workspace_deleted(ws, returned)
+  elseif op == 'transfer' then
+    -- Rule 3 (OrgRecord::check_transfer, then transfer).
+    if st.mode ~= 'budget' then
+      refuse('wrong_mode', st.mode)
+    end
+    if from == to then
+      refuse('same_workspace')
+    end
+    if st.ws[from] == nil then
+      refuse('unknown_workspace', from)
+    end
+    if st.ws[to] == nil then
+      refuse('unknown_workspace', to)
+    end
+    local available = st.ws[from].balance
+    if available < amount then
+      local l = leased(st, from)
+      if available + l >= amount then
+        refuse('leases_outstanding', from, fmt(l))
+      end
+      refuse('insufficient', from, fmt(available + l), fmt(amount))
+    end
+    st.ws[from].balance = available - amount
+    st.ws[to].balance = st.ws[to].balance + amount
+    st.dirty_ws[from] = true
+    st.dirty_ws[to] = true
+    st.version = st.version + 1
+    st.changed = true
+    events[1] = ev.transfer(from, to, amount)
+  elseif op == 'set_mode' then
+    -- Rule 6. Setting the current mode again changes nothing and records nothing.
+    if mode ~= st.mode then
+      local names = sorted_keys(st.ws)
+      events[1] = ev.mode_changed(st.mode, mode)
+      if mode == 'shared' then
+        for _, name in ipairs(names) do
+          if name ~= st.primary then
+            local l = leased(st, name)
+            if l > 0 then
+              refuse('leases_outstanding', name, fmt(l))
+            end
+          end
+        end
+        local swept = 0
+        for _, name in ipairs(names) do
+          local w = st.ws[name]
+          if name ~= st.primary and w.balance > 0 then
+            events[#events + 1] = ev.sweep(name, st.primary, w.balance)
+            swept = swept + w.balance
+            w.balance = 0
+            st.dirty_ws[name] = true
+          end
+        end
+        st.ws[st.primary].balance = st.ws[st.primary].balance + swept
+        st.dirty_ws[st.primary] = true
+      end
+      st.mode = mode
+      st.version = st.version + 1
+      st.changed = true
+    end
+  end
+  check_conserved(st)
+
+  -- Writes last.
+  if st.changed then
+    save(st, events, now)
+  end
+  local reply = state_tokens(st, { 'ok', fmt(returned) })
+  if with_key then
+    local state = {}
+    for i = 3, #reply do
+      state[#state + 1] = reply[i]
+    end
+    redis.call('HSET', KEYS[7], 'fp', fingerprint, 'returned', fmt(returned), 'state',
+      table.concat(state, ' '))
+    redis.call('PEXPIRE', KEYS[7], fmt(ttl_ms))
+    redis.call('ZADD', KEYS[6], fmt(now + ttl_ms), KEYS[7])
+    -- Forget expired keys from the index (their hashes expired by themselves).
+    redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', fmt(now))
+  end
+  return reply
+end)

@@ -1,0 +1,455 @@
+-- common.lua: helpers shared by every script of the Redis store. It is not run on its own:
+-- each script is built as this file followed by the script's own file (`concat!` in
+-- scripts.rs), so that every script is one self-contained EVAL. Each script's own header names
+-- its KEYS, ARGV, reply and the invariant it keeps.
+--
+-- Conventions of every script:
+-- * Every key of one org carries the hash tag {org}. KEYS[1] is always `creditd:{org}:meta`;
+--   the other keys of the org are named from the prefix `creditd:{org}:` (the node hashes
+--   `creditd:{org}:node:<node>` too, since their names come from stored data), so a script
+--   touches one slot of a cluster. The fixed keys are also passed in KEYS and checked.
+-- * Counters are decimal strings. Lua numbers are doubles, exact up to 2^53; no counter may
+--   exceed CAP = 2^53 - 1 (CREDITS_MAX of the model). Numbers are written with fmt(), never
+--   with tostring(), which keeps 14 significant digits only.
+-- * Ids are compared and sorted by bytes (lt), never with Lua's `<` on strings, which follows
+--   the server's locale (strcoll): orders must match the model's BTreeMap.
+-- * A refusal calls refuse(code, ...), which raises {creditd = {'err', code, ...}}; run()
+--   turns it into that reply. Every script reads and checks everything before its first
+--   write, so a refusal leaves nothing written (a script is not rolled back).
+-- * Replies are flat arrays of strings; state_tokens() gives the org's whole state.
+
+if redis.replicate_commands then
+  -- Redis 3.2 to 4: TIME may be called before writes only with effects replication (the
+  -- default from Redis 5 on, where this call does nothing).
+  redis.replicate_commands()
+end
+
+local CAP = 9007199254740991
+-- Pairs of fields or items per HSET or RPUSH call: keeps unpack() far below Lua's C stack.
+local CHUNK = 500
+
+local function refuse(code, ...)
+  error({ creditd = { 'err', code, ... } })
+end
+
+local function fmt(n)
+  return string.format('%.0f', n)
+end
+
+-- Byte order of two strings (the model's BTreeMap order).
+local function lt(a, b)
+  local la, lb = #a, #b
+  local n = la < lb and la or lb
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then
+      return x < y
+    end
+  end
+  return la < lb
+end
+
+local function sorted_keys(t)
+  local keys = {}
+  for k in pairs(t) do
+    keys[#keys + 1] = k
+  end
+  table.sort(keys, lt)
+  return keys
+end
+
+local function is_id(s)
+  return type(s) == 'string' and #s >= 1 and #s <= 64 and string.match(s, '^[A-Za-z0-9%._:%-]+$') ~= nil
+end
+
+-- A stored counter: a decimal string from 0 to CAP.
+local function counter(s, what)
+  if type(s) ~= 'string' or #s > 16 or not string.match(s, '^%d+$') then
+    refuse('corrupt', what .. ' is not a counter: ' .. tostring(s))
+  end
+  local n = tonumber(s)
+  if n > CAP then
+    refuse('corrupt', what .. ' exceeds 2^53-1: ' .. s)
+  end
+  return n
+end
+
+-- An argument that must be an id.
+local function arg_id(i, what)
+  local s = ARGV[i]
+  if not is_id(s) then
+    refuse('invalid', what .. ' (ARGV[' .. i .. ']) is not an id: ' .. tostring(s))
+  end
+  return s
+end
+
+-- An argument that must be a decimal integer. Up to 20 digits are accepted (a u64); the value
+-- may then exceed CAP, and the caller decides what that means.
+local function arg_number(i, what)
+  local s = ARGV[i]
+  if type(s) ~= 'string' or #s > 20 or not string.match(s, '^%d+$') then
+    refuse('invalid', what .. ' (ARGV[' .. i .. ']) is not a whole number: ' .. tostring(s))
+  end
+  return tonumber(s)
+end
+
+local function arg_mode(i)
+  local s = ARGV[i]
+  if s ~= 'shared' and s ~= 'budget' then
+    refuse('invalid', 'mode (ARGV[' .. i .. ']) is not shared or budget: ' .. tostring(s))
+  end
+  return s
+end
+
+-- Milliseconds from the server's clock: the one clock every node shares.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- `creditd:{org}:` from KEYS[1] = `creditd:{org}:meta`, checked against the org id.
+local function prefix_of(org)
+  local prefix = 'creditd:{' .. org .. '}:'
+  if KEYS[1] ~= prefix .. 'meta' then
+    refuse('invalid', 'KEYS[1] is not the meta key of org ' .. org)
+  end
+  return prefix
+end
+
+-- Checks that KEYS[i] is the key `name` of the org.
+local function check_keys(prefix, names)
+  for i, name in ipairs(names) do
+    if KEYS[i] ~= prefix .. name then
+      refuse('invalid', 'KEYS[' .. i .. '] is not ' .. prefix .. name)
+    end
+  end
+end
+
+local function hgetall_map(key)
+  local flat = redis.call('HGETALL', key)
+  local map = {}
+  for i = 1, #flat, 2 do
+    map[flat[i]] = flat[i + 1]
+  end
+  return map
+end
+
+-- The whole state of an org, read into tables, or nil if the org does not exist.
+--   st.ws[name]      = { balance =, used = }
+--   st.nodes[id]     = { epoch =, seq =, seen =, grants = {{ws, n}, ...}, leases = {ws = n},
+--                        held = {ws = n} }
+-- The work is one HGETALL per key: O(workspaces + nodes + their leases and reservations).
+local function load_state(prefix)
+  local meta = hgetall_map(prefix .. 'meta')
+  if meta.org == nil then
+    return nil
+  end
+  local st = {
+    prefix = prefix,
+    org = meta.org,
+    mode = meta.mode,
+    primary = meta.primary,
+    purchased = counter(meta.purchased, 'purchased'),
+    used_deleted = counter(meta.used_deleted, 'used_deleted'),
+    version = counter(meta.version, 'version'),
+    ws = {},
+    nodes = {},
+    dirty_ws = {},
+    dirty_nodes = {},
+    changed = false,
+    ledger_len = redis.call('LLEN', prefix .. 'ledger'),
+  }
+  if st.mode ~= 'shared' and st.mode ~= 'budget' then
+    refuse('corrupt', 'mode is ' .. tostring(st.mode))
+  end
+  local used = hgetall_map(prefix .. 'used')
+  for name, balance in pairs(hgetall_map(prefix .. 'bal')) do
+    st.ws[name] = {
+      balance = counter(balance, 'balance of ' .. name),
+      used = counter(used[name], 'used of ' .. name),
+    }
+  end
+  if st.ws[st.primary] == nil then
+    refuse('corrupt', 'the Primary Workspace ' .. tostring(st.primary) .. ' has no balance')
+  end
+  for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'nodes')) do
+    local h = hgetall_map(prefix .. 'node:' .. id)
+    local share = {
+      epoch = counter(h.epoch, 'epoch of node ' .. id),
+      seq = counter(h.seq, 'seq of node ' .. id),
+      seen = counter(h.seen_ms, 'seen_ms of node ' .. id),
+      grants = {},
+      leases = {},
+      held = {},
+    }
+    for field, value in pairs(h) do
+      local kind, ws = string.match(field, '^([lh]):(.+)$')
+      if kind == 'l' then
+        share.leases[ws] = counter(value, 'lease of node ' .. id)
+      elseif kind == 'h' then
+        share.held[ws] = counter(value, 'held of node ' .. id)
+      end
+    end
+    local g = h.grants or ''
+    for ws, n in string.gmatch(g, '(%S+) (%d+)') do
+      share.grants[#share.grants + 1] = { ws, counter(n, 'grant of node ' .. id) }
+    end
+    st.nodes[id] = share
+  end
+  return st
+end
+
+-- Rule 7, checked before every write: purchased == balances + leases + held + used.
+-- Every term is at most CAP, so every partial sum below 2^53 * (terms) is compared exactly
+-- as long as the state is conserved; a broken state is refused, never written over.
+local function check_conserved(st)
+  local total = st.used_deleted
+  for _, w in pairs(st.ws) do
+    total = total + w.balance + w.used
+  end
+  for _, share in pairs(st.nodes) do
+    for _, n in pairs(share.leases) do
+      total = total + n
+    end
+    for _, n in pairs(share.held) do
+      total = total + n
+    end
+  end
+  if total ~= st.purchased then
+    refuse('corrupt', 'org ' .. st.org .. ' is not conserved: purchased ' .. fmt(st.purchased)
+      .. ' but found ' .. fmt(total))
+  end
+end
+
+-- The org's whole state as a flat array of strings (parsed by reply.rs):
+--   'org', org, mode, primary, purchased, used_deleted, version,
+--   #ws, then per workspace (byte order): name, balance, used,
+--   #nodes, then per node (byte order): id, epoch, seq, seen_ms,
+--     #leases, (spender, n)..., #held, (ws, n)..., #grants, (spender, n)...
+local function state_tokens(st, out)
+  out = out or {}
+  local function push(v)
+    out[#out + 1] = v
+  end
+  push('org'); push(st.org); push(st.mode); push(st.primary)
+  push(fmt(st.purchased)); push(fmt(st.used_deleted)); push(fmt(st.version))
+  local names = sorted_keys(st.ws)
+  push(tostring(#names))
+  for _, name in ipairs(names) do
+    push(name); push(fmt(st.ws[name].balance)); push(fmt(st.ws[name].used))
+  end
+  local ids = sorted_keys(st.nodes)
+  push(tostring(#ids))
+  for _, id in ipairs(ids) do
+    local s = st.nodes[id]
+    push(id); push(fmt(s.epoch)); push(fmt(s.seq)); push(fmt(s.seen))
+    for _, map in ipairs({ s.leases, s.held }) do
+      local keys = sorted_keys(map)
+      push(tostring(#keys))
+      for _, k in ipairs(keys) do
+        push(k); push(fmt(map[k]))
+      end
+    end
+    push(tostring(#s.grants))
+    for _, g in ipairs(s.grants) do
+      push(g[1]); push(fmt(g[2]))
+    end
+  end
+  return out
+end
+
+local function call_chunked(command, key, items)
+  for i = 1, #items, 2 * CHUNK do
+    local part = {}
+    for j = i, math.min(i + 2 * CHUNK - 1, #items) do
+      part[#part + 1] = items[j]
+    end
+    redis.call(command, key, unpack(part))
+  end
+end
+
+-- Writes what changed (st.changed, st.dirty_ws, st.dirty_nodes) and appends the ledger
+-- entries. Ledger entries are JSON built here, numbers written with fmt(); ids need no
+-- escaping (their characters are A-Z a-z 0-9 . _ : -).
+local function save(st, events, at_ms)
+  local prefix = st.prefix
+  redis.call('HSET', prefix .. 'meta', 'org', st.org, 'mode', st.mode, 'primary', st.primary,
+    'purchased', fmt(st.purchased), 'used_deleted', fmt(st.used_deleted),
+    'version', fmt(st.version))
+  local set_bal, set_used, gone = {}, {}, {}
+  for _, name in ipairs(sorted_keys(st.dirty_ws)) do
+    local w = st.ws[name]
+    if w then
+      set_bal[#set_bal + 1] = name; set_bal[#set_bal + 1] = fmt(w.balance)
+      set_used[#set_used + 1] = name; set_used[#set_used + 1] = fmt(w.used)
+    else
+      gone[#gone + 1] = name
+    end
+  end
+  call_chunked('HSET', prefix .. 'bal', set_bal)
+  call_chunked('HSET', prefix .. 'used', set_used)
+  for i = 1, #gone, CHUNK do
+    local part = {}
+    for j = i, math.min(i + CHUNK - 1, #gone) do
+      part[#part + 1] = gone[j]
+    end
+    redis.call('HDEL', prefix .. 'bal', unpack(part))
+    redis.call('HDEL', prefix .. 'used', unpack(part))
+  end
+  for _, id in ipairs(sorted_keys(st.dirty_nodes)) do
+    local s = st.nodes[id]
+    local key = prefix .. 'node:' .. id
+    local grants = {}
+    for _, g in ipairs(s.grants) do
+      grants[#grants + 1] = g[1] .. ' ' .. fmt(g[2])
+    end
+    local fields = { 'epoch', fmt(s.epoch), 'seq', fmt(s.seq), 'seen_ms', fmt(s.seen),
+      'grants', table.concat(grants, ' ') }
+    for ws, n in pairs(s.leases) do
+      if n > 0 then
+        fields[#fields + 1] = 'l:' .. ws; fields[#fields + 1] = fmt(n)
+      end
+    end
+    for ws, n in pairs(s.held) do
+      if n > 0 then
+        fields[#fields + 1] = 'h:' .. ws; fields[#fields + 1] = fmt(n)
+      end
+    end
+    redis.call('DEL', key)
+    call_chunked('HSET', key, fields)
+    redis.call('SADD', prefix .. 'nodes', id)
+  end
+  local entries = {}
+  for i, e in ipairs(events) do
+    entries[#entries + 1] = '{"seq":' .. fmt(st.ledger_len + i) .. ',"at_ms":' .. fmt(at_ms)
+      .. ',' .. e .. '}'
+  end
+  for i = 1, #entries, CHUNK do
+    local part = {}
+    for j = i, math.min(i + CHUNK - 1, #entries) do
+      part[#part + 1] = entries[j]
+    end
+    redis.call('RPUSH', prefix .. 'ledger', unpack(part))
+  end
+end
+
+-- Ledger events: the JSON members after seq and at_ms (LedgerEvent, tagged by "kind").
+local function q(s)
+  return '"' .. s .. '"'
+end
+
+local ev = {}
+function ev.org_created(mode, primary)
+  return '"kind":"org_created","mode":' .. q(mode) .. ',"primary":' .. q(primary)
+end
+function ev.purchase(ws, n)
+  return '"kind":"purchase","workspace":' .. q(ws) .. ',"amount":' .. fmt(n)
+end
+function ev.transfer(from, to, n)
+  return '"kind":"transfer","from":' .. q(from) .. ',"to":' .. q(to) .. ',"amount":' .. fmt(n)
+end
+function ev.workspace_created(ws)
+  return '"kind":"workspace_created","workspace":' .. q(ws)
+end
+function ev.workspace_deleted(ws, n)
+  return '"kind":"workspace_deleted","workspace":' .. q(ws) .. ',"returned_to_primary":' .. fmt(n)
+end
+function ev.mode_changed(from, to)
+  return '"kind":"mode_changed","from":' .. q(from) .. ',"to":' .. q(to)
+end
+function ev.sweep(ws, to, n)
+  return '"kind":"sweep","workspace":' .. q(ws) .. ',"to":' .. q(to) .. ',"amount":' .. fmt(n)
+end
+function ev.usage(node, ws, n)
+  return '"kind":"usage","node":' .. q(node) .. ',"workspace":' .. q(ws) .. ',"amount":' .. fmt(n)
+end
+function ev.lease_expired(node, ws, n)
+  return '"kind":"lease_expired","node":' .. q(node) .. ',"workspace":' .. q(ws) .. ',"amount":'
+    .. fmt(n)
+end
+
+-- The rules that several scripts share, as in src/model/org.rs.
+
+-- The workspace whose balance `ws` spends from under the current mode, or nil.
+local function spender_of(st, ws)
+  if st.ws[ws] == nil then
+    return nil
+  end
+  if st.mode == 'shared' then
+    return st.primary
+  end
+  return ws
+end
+
+-- Where credits given back for `spender` go now.
+local function home_of(st, spender)
+  return spender_of(st, spender) or st.primary
+end
+
+-- Credits of `ws` leased to all nodes.
+local function leased(st, ws)
+  local total = 0
+  for _, share in pairs(st.nodes) do
+    total = total + (share.leases[ws] or 0)
+  end
+  return total
+end
+
+-- Counts `n` as consumed by `ws` (by deleted workspaces if it is gone).
+local function add_used(st, ws, n)
+  local w = st.ws[ws]
+  if w then
+    w.used = w.used + n
+    st.dirty_ws[ws] = true
+  else
+    st.used_deleted = st.used_deleted + n
+  end
+  st.changed = true
+end
+
+local function is_empty(share)
+  for _, n in pairs(share.leases) do
+    if n ~= 0 then return false end
+  end
+  for _, n in pairs(share.held) do
+    if n ~= 0 then return false end
+  end
+  return true
+end
+
+-- OrgRecord::close_node with PriorLife::CountAsConsumed: what the node held (reservations,
+-- then leases, each in byte order) counts as consumed, marked lease_expired.
+local function close_node(st, id, events)
+  local share = st.nodes[id]
+  if share == nil then
+    return
+  end
+  for _, ws in ipairs(sorted_keys(share.held)) do
+    local n = share.held[ws]
+    add_used(st, ws, n)
+    events[#events + 1] = ev.lease_expired(id, ws, n)
+  end
+  for _, ws in ipairs(sorted_keys(share.leases)) do
+    local n = share.leases[ws]
+    if n > 0 then
+      add_used(st, ws, n)
+      events[#events + 1] = ev.lease_expired(id, ws, n)
+    end
+  end
+  share.leases = {}
+  share.held = {}
+  st.dirty_nodes[id] = true
+  st.changed = true
+end
+
+-- Runs main() and turns a refusal into its reply; any other error is raised again.
+local function run(main)
+  local ok, result = pcall(main)
+  if ok then
+    return result
+  end
+  if type(result) == 'table' and result.creditd then
+    return result.creditd
+  end
+  error(result)
+end

@@ -1,0 +1,179 @@
+//! One connection to Redis or to a Redis Cluster, and the only way the store talks to it:
+//! every command goes through [`Redis::call`] (a timeout, a metric, errors mapped once) and
+//! every script through [`Redis::eval`] (EVALSHA, and EVAL of the source on `NOSCRIPT`).
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ErrorKind, FromRedisValue, RedisError};
+
+use crate::store::StoreError;
+
+/// The connection: a `ConnectionManager` (one multiplexed connection that reconnects by
+/// itself) for a standalone Redis, a `ClusterConnection` (follows `MOVED`/`ASK`, refreshes the
+/// slot map, reconnects) for a cluster. Both are cheap handles to one shared connection.
+#[derive(Clone)]
+pub(super) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> redis::RedisResult<T> {
+        match self {
+            Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+        }
+    }
+}
+
+/// A Lua script: its source (the common prelude followed by the script) and SHA1.
+pub(super) struct LuaScript {
+    /// Metric label of one EVALSHA of it (`redis_<script>`).
+    op: &'static str,
+    source: &'static str,
+    sha: String,
+}
+
+macro_rules! lua {
+    ($op:literal, $file:literal) => {
+        LuaScript::new(
+            $op,
+            concat!(include_str!("common.lua"), include_str!($file)),
+        )
+    };
+}
+
+impl LuaScript {
+    fn new(op: &'static str, source: &'static str) -> Self {
+        LuaScript {
+            op,
+            source,
+            sha: redis::Script::new(source).get_hash().to_string(),
+        }
+    }
+}
+
+/// Every script of the store (see each `.lua` file's header).
+pub(super) struct Scripts {
+    pub create_org: LuaScript,
+    pub load: LuaScript,
+    pub ledger: LuaScript,
+    pub apply: LuaScript,
+    pub settle: LuaScript,
+}
+
+impl Scripts {
+    pub fn new() -> Self {
+        Scripts {
+            create_org: lua!("redis_create_org", "create_org.lua"),
+            load: lua!("redis_load_org", "load.lua"),
+            ledger: lua!("redis_ledger", "ledger.lua"),
+            apply: lua!("redis_apply", "apply.lua"),
+            settle: lua!("redis_settle", "settle.lua"),
+        }
+    }
+}
+
+/// Why a call failed, before it becomes a [`StoreError`].
+enum Failure {
+    /// The server does not have the script (restart, failover, `SCRIPT FLUSH`).
+    NoScript,
+    Store(StoreError),
+}
+
+/// The connection with its call timeout.
+pub(super) struct Redis {
+    pub conn: Conn,
+    /// Longest one command may take; then its outcome is unknown (`Unavailable`).
+    pub call_timeout: Duration,
+}
+
+impl Redis {
+    async fn try_call<T: FromRedisValue>(&self, op: &'static str, cmd: &Cmd) -> Result<T, Failure> {
+        crate::metrics::store_call(op);
+        match tokio::time::timeout(self.call_timeout, self.conn.query(cmd)).await {
+            Err(_) => Err(Failure::Store(StoreError::Unavailable(format!(
+                "redis did not answer {op} within {}ms; its outcome is unknown",
+                self.call_timeout.as_millis()
+            )))),
+            Ok(Err(e)) if e.kind() == ErrorKind::NoScriptError => Err(Failure::NoScript),
+            Ok(Err(e)) => Err(Failure::Store(store_error(op, &e))),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
+    /// Sends one command, within the call timeout; `op` labels the metric (`redis_…`).
+    pub async fn call<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: &Cmd,
+    ) -> Result<T, StoreError> {
+        self.try_call(op, cmd).await.map_err(|f| match f {
+            Failure::NoScript => StoreError::Corrupt(format!("redis answered NOSCRIPT to {op}")),
+            Failure::Store(e) => e,
+        })
+    }
+
+    /// Runs a script: EVALSHA, and on `NOSCRIPT` EVAL with the source (which also caches it
+    /// again). EVAL rather than SCRIPT LOAD + EVALSHA: one round trip, and in a cluster it goes
+    /// to the node that owns the keys, which is the one that lost its cache.
+    pub async fn eval(
+        &self,
+        script: &LuaScript,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&script.sha).arg(keys.len()).arg(keys).arg(args);
+        match self.try_call(script.op, &cmd).await {
+            Ok(v) => Ok(v),
+            Err(Failure::Store(e)) => Err(e),
+            Err(Failure::NoScript) => {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(script.source).arg(keys.len()).arg(keys).arg(args);
+                self.call("redis_eval_reload", &cmd).await
+            }
+        }
+    }
+}
+
+/// Maps a Redis error once: what a retry may cure (connection, timeout, a cluster in motion,
+/// a server out of memory or loading) is `Unavailable`; anything else (a script error, an
+/// answer of the wrong shape) cannot be cured by retrying and is `Corrupt`.
+pub(super) fn store_error(op: &str, e: &RedisError) -> StoreError {
+    const RETRYABLE_CODES: &[&str] = &[
+        "OOM",
+        "BUSY",
+        "LOADING",
+        "MASTERDOWN",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "READONLY",
+        "NOREPLICAS",
+        "MOVED",
+        "ASK",
+    ];
+    let retryable = e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_cluster_error()
+        || e.code().is_some_and(|c| RETRYABLE_CODES.contains(&c))
+        || matches!(
+            e.kind(),
+            ErrorKind::IoError
+                | ErrorKind::ClusterDown
+                | ErrorKind::TryAgain
+                | ErrorKind::BusyLoadingError
+                | ErrorKind::MasterDown
+                | ErrorKind::ReadOnly
+                | ErrorKind::ClusterConnectionNotFound
+        );
+    if retryable {
+        StoreError::Unavailable(format!("redis {op}: {e}"))
+    } else {
+        StoreError::Corrupt(format!("redis {op}: {e}"))
+    }
+}
