@@ -158,7 +158,13 @@ pub async fn serve(
 async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Resp, Infallible> {
     let (parts, body) = req.into_parts();
     let (plane, result) = route(&app, &parts, body).await;
-    let response = result.unwrap_or_else(|e| error_response(&e));
+    let mut response = result.unwrap_or_else(|e| error_response(&e));
+    if response.status() == StatusCode::REQUEST_TIMEOUT {
+        // A body that stalled leaves the connection in an unknown state: close it.
+        response
+            .headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     metrics::counter!(m::HTTP_REQUESTS, "plane" => plane.label(), "status" => status_label(response.status()))
         .increment(1);
     Ok(response)
