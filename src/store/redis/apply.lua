@@ -164,26 +164,34 @@ return run(function()
   elseif op == 'set_mode' then
     -- Rule 6. Setting the current mode again changes nothing and records nothing.
     if mode ~= st.mode then
-      local names = sorted_keys(st.ws)
       events[1] = ev.mode_changed(st.mode, mode)
       if mode == 'shared' then
-        for _, name in ipairs(names) do
-          if name ~= st.primary then
-            local l = leased(st, name)
-            if l > 0 then
-              refuse('leases_outstanding', name, fmt(l))
-            end
+        -- The first non-primary workspace (in byte order) with a lease is named, as in the
+        -- model; only workspaces with a lease or a balance are sorted.
+        local leased_ws = leased_by_ws(st)
+        local blocked = {}
+        for name, n in pairs(leased_ws) do
+          if name ~= st.primary and st.ws[name] ~= nil and n > 0 then
+            blocked[name] = n
+          end
+        end
+        local first = sorted_keys(blocked)[1]
+        if first ~= nil then
+          refuse('leases_outstanding', first, fmt(blocked[first]))
+        end
+        local holding = {}
+        for name, w in pairs(st.ws) do
+          if name ~= st.primary and w.balance > 0 then
+            holding[name] = true
           end
         end
         local swept = 0
-        for _, name in ipairs(names) do
+        for _, name in ipairs(sorted_keys(holding)) do
           local w = st.ws[name]
-          if name ~= st.primary and w.balance > 0 then
-            events[#events + 1] = ev.sweep(name, st.primary, w.balance)
-            swept = swept + w.balance
-            w.balance = 0
-            st.dirty_ws[name] = true
-          end
+          events[#events + 1] = ev.sweep(name, st.primary, w.balance)
+          swept = swept + w.balance
+          w.balance = 0
+          st.dirty_ws[name] = true
         end
         st.ws[st.primary].balance = st.ws[st.primary].balance + swept
         st.dirty_ws[st.primary] = true

@@ -62,14 +62,12 @@ local function is_id(s)
   return type(s) == 'string' and #s >= 1 and #s <= 64 and string.match(s, '^[A-Za-z0-9%._:%-]+$') ~= nil
 end
 
--- A stored counter: a decimal string from 0 to CAP.
+-- A stored counter: a whole number from 0 to CAP. Only the scripts write counters (with fmt),
+-- so this is a guard against corruption, kept cheap: it runs once per stored number.
 local function counter(s, what)
-  if type(s) ~= 'string' or #s > 16 or not string.match(s, '^%d+$') then
-    refuse('corrupt', what .. ' is not a counter: ' .. tostring(s))
-  end
   local n = tonumber(s)
-  if n > CAP then
-    refuse('corrupt', what .. ' exceeds 2^53-1: ' .. s)
+  if n == nil or n < 0 or n > CAP or n % 1 ~= 0 then
+    refuse('corrupt', what .. ' is not a counter from 0 to 2^53-1: ' .. tostring(s))
   end
   return n
 end
@@ -223,31 +221,36 @@ end
 
 -- The org's whole state as a flat array of strings (parsed by reply.rs):
 --   'org', org, mode, primary, purchased, used_deleted, version,
---   #ws, then per workspace (byte order): name, balance, used,
---   #nodes, then per node (byte order): id, epoch, seq, seen_ms,
---     #leases, (spender, n)..., #held, (ws, n)..., #grants, (spender, n)...
+--   #ws, then per workspace: name, balance, used,
+--   #nodes, then per node: id, epoch, seq, seen_ms,
+--     #leases, (spender, n)..., #held, (ws, n)..., #grants, (spender, n)... (grants in order)
+-- Maps come out in no particular order: the reader builds ordered maps, and sorting here would
+-- cost more than everything else the script does for an org with many workspaces.
 local function state_tokens(st, out)
   out = out or {}
+  local k = #out
+  local function count(t)
+    local c = 0
+    for _ in pairs(t) do c = c + 1 end
+    return c
+  end
   local function push(v)
-    out[#out + 1] = v
+    k = k + 1
+    out[k] = v
   end
   push('org'); push(st.org); push(st.mode); push(st.primary)
   push(fmt(st.purchased)); push(fmt(st.used_deleted)); push(fmt(st.version))
-  local names = sorted_keys(st.ws)
-  push(tostring(#names))
-  for _, name in ipairs(names) do
-    push(name); push(fmt(st.ws[name].balance)); push(fmt(st.ws[name].used))
+  push(tostring(count(st.ws)))
+  for name, w in pairs(st.ws) do
+    push(name); push(fmt(w.balance)); push(fmt(w.used))
   end
-  local ids = sorted_keys(st.nodes)
-  push(tostring(#ids))
-  for _, id in ipairs(ids) do
-    local s = st.nodes[id]
+  push(tostring(count(st.nodes)))
+  for id, s in pairs(st.nodes) do
     push(id); push(fmt(s.epoch)); push(fmt(s.seq)); push(fmt(s.seen))
     for _, map in ipairs({ s.leases, s.held }) do
-      local keys = sorted_keys(map)
-      push(tostring(#keys))
-      for _, k in ipairs(keys) do
-        push(k); push(fmt(map[k]))
+      push(tostring(count(map)))
+      for ws, n in pairs(map) do
+        push(ws); push(fmt(n))
       end
     end
     push(tostring(#s.grants))
@@ -277,7 +280,7 @@ local function save(st, events, at_ms)
     'purchased', fmt(st.purchased), 'used_deleted', fmt(st.used_deleted),
     'version', fmt(st.version))
   local set_bal, set_used, gone = {}, {}, {}
-  for _, name in ipairs(sorted_keys(st.dirty_ws)) do
+  for name in pairs(st.dirty_ws) do
     local w = st.ws[name]
     if w then
       set_bal[#set_bal + 1] = name; set_bal[#set_bal + 1] = fmt(w.balance)
@@ -296,7 +299,7 @@ local function save(st, events, at_ms)
     redis.call('HDEL', prefix .. 'bal', unpack(part))
     redis.call('HDEL', prefix .. 'used', unpack(part))
   end
-  for _, id in ipairs(sorted_keys(st.dirty_nodes)) do
+  for id in pairs(st.dirty_nodes) do
     local s = st.nodes[id]
     local key = prefix .. 'node:' .. id
     local grants = {}
@@ -391,6 +394,17 @@ local function leased(st, ws)
   local total = 0
   for _, share in pairs(st.nodes) do
     total = total + (share.leases[ws] or 0)
+  end
+  return total
+end
+
+-- Credits leased to all nodes, by workspace: one pass over every lease.
+local function leased_by_ws(st)
+  local total = {}
+  for _, share in pairs(st.nodes) do
+    for ws, n in pairs(share.leases) do
+      total[ws] = (total[ws] or 0) + n
+    end
   end
   return total
 end
