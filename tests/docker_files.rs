@@ -316,7 +316,7 @@ fn the_configs_agree_on_names_ports_and_paths() {
     for (name, service) in &nodes {
         assert_eq!(
             listen_port(service),
-            [image_port.clone()],
+            std::slice::from_ref(&image_port),
             "{name} publishes another port than the image listens on"
         );
     }
