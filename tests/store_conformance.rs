@@ -567,6 +567,20 @@ async fn a_redis_cluster_gives_the_same_answers() {
     let slot =
         |o: &str| cluster.nodes[0].cmd(&["CLUSTER", "KEYSLOT", &format!("creditd:{{{o}}}:meta")]);
     assert_ne!(slot("acme"), slot("zeta"));
+    // Notices work in a cluster too (classic pub/sub reaches the subscribers of every master).
+    let mut rx = store.subscribe().expect("the redis store has notices");
+    let recall = Notice::Recall { org: org("acme") };
+    let started = Instant::now();
+    'heard: loop {
+        store.announce(&recall).await.expect("announce");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while let Ok(n) = rx.try_recv() {
+            if n == recall {
+                break 'heard;
+            }
+        }
+        assert!(started.elapsed() < WAIT_MAX, "the recall was never heard");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
