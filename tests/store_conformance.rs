@@ -616,6 +616,75 @@ async fn idempotency_keys_beyond_the_limit_are_refused_alike() {
     assert!(matches!(&answers[1][3], Ok(o) if o.replayed));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_sent_twice_applies_once() {
+    // The cluster client re-sends a command after a lost connection or a timeout: the same
+    // call must not apply twice, with or without an idempotency key.
+    let server = RedisServer::start();
+    let store = redis_store(RedisOptions {
+        idempotency_keys_max: 1,
+        ..redis_options(&server.url())
+    })
+    .await;
+    let first = store
+        .create_org_as_call(
+            &org("acme"),
+            Mode::Budget,
+            &ws("main"),
+            "call-0000000000000001",
+        )
+        .await
+        .expect("create");
+    let again = store
+        .create_org_as_call(
+            &org("acme"),
+            Mode::Budget,
+            &ws("main"),
+            "call-0000000000000001",
+        )
+        .await
+        .expect("the same call again");
+    assert_eq!(first, again);
+    assert!(matches!(
+        store
+            .create_org_as_call(
+                &org("acme"),
+                Mode::Budget,
+                &ws("main"),
+                "call-0000000000000002"
+            )
+            .await,
+        Err(StoreError::OrgExists(_))
+    ));
+    let bought = store
+        .apply_as_call(&org("acme"), &purchase(100), "call-0000000000000003")
+        .await
+        .expect("buy");
+    let resent = store
+        .apply_as_call(&org("acme"), &purchase(100), "call-0000000000000003")
+        .await
+        .expect("the same purchase again");
+    assert_eq!(
+        bought, resent,
+        "a re-sent call is the same call, not a replay"
+    );
+    assert_eq!(resent.view.purchased, 100);
+    // Calls without a key are not counted against the callers' keys.
+    for _ in 0..3 {
+        store
+            .apply(&org("acme"), &purchase(1), None)
+            .await
+            .expect("buy");
+    }
+    let keyed = store
+        .apply(&org("acme"), &purchase(1), Some(&key("purchase", "k", "1")))
+        .await
+        .expect("one key fits");
+    assert_eq!(keyed.view.purchased, 104);
+    let ledger = ledger_events(&store, "acme").await;
+    assert_eq!(ledger.len(), 1 + 1 + 3 + 1, "{ledger:?}");
+}
+
 // -------------------------------------------------------------------------------------------
 // A node's new life, per store (the stores differ here on purpose)
 // -------------------------------------------------------------------------------------------

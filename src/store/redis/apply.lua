@@ -1,14 +1,19 @@
--- apply.lua: one control-plane operation on one org, with its idempotency key checked and
--- remembered in the same script.
+-- apply.lua: one control-plane operation on one org, exactly once per call: the call's
+-- idempotency key (the caller's, or a unique id the store gives a call without one) is checked
+-- and remembered in the same script.
 --
 -- KEYS: 1 creditd:{org}:meta, 2 creditd:{org}:bal, 3 creditd:{org}:used,
 --       4 creditd:{org}:nodes, 5 creditd:{org}:ledger,
---       6 creditd:{org}:idem (zset: remembered keys by expiry time, ms),
---       7 creditd:{org}:idem:<scope>:<key> (only with an idempotency key)
+--       6 creditd:{org}:idem (zset: the callers' remembered keys by expiry time, ms),
+--       7 creditd:{org}:idem:<scope>:<key> (the key of this call)
 -- ARGV: 1 org, 2 op, 3..5 the op's arguments:
 --         purchase amount | create_workspace ws | delete_workspace ws |
 --         transfer from to amount | set_mode mode
---       6 fingerprint, 7 ttl_ms, 8 keys_max (only with an idempotency key; else absent)
+--       6 remember: `key` (a caller's key: counted against keys_max, indexed in KEYS[6]) or
+--         `call` (the store's own id for a call without a key: a client that re-sends the
+--         command after a lost connection or a timeout gets the first outcome, not a second
+--         application; not counted),
+--       7 fingerprint, 8 ttl_ms, 9 keys_max
 -- Reply: {'ok', returned, state...}: applied; `returned` is what a deletion gave back to the
 --          Primary (0 otherwise), state as state_tokens();
 --        {'replay', returned, state}: the remembered outcome of an earlier call with this key
@@ -27,11 +32,10 @@ return run(function()
   local prefix = prefix_of(org)
   check_keys(prefix, { 'meta', 'bal', 'used', 'nodes', 'ledger', 'idem' })
   local op = ARGV[2]
-  local with_key = #KEYS == 7
-  if with_key and string.sub(KEYS[7], 1, #prefix + 5) ~= prefix .. 'idem:' then
+  if #KEYS ~= 7 or string.sub(KEYS[7], 1, #prefix + 5) ~= prefix .. 'idem:' then
     refuse('invalid', 'KEYS[7] is not an idempotency key of org ' .. org)
   end
-  if (with_key and #ARGV ~= 8) or (not with_key and #ARGV ~= 5) then
+  if #ARGV ~= 9 then
     refuse('invalid', 'wrong number of arguments: ' .. #ARGV)
   end
 
@@ -56,14 +60,16 @@ return run(function()
   else
     refuse('invalid', 'unknown op ' .. tostring(op))
   end
-  local fingerprint, ttl_ms, keys_max
-  if with_key then
-    fingerprint = ARGV[6]
-    ttl_ms = arg_number(7, 'ttl_ms')
-    keys_max = arg_number(8, 'keys_max')
-    if ttl_ms < 1 or ttl_ms > CAP or keys_max > CAP then
-      refuse('invalid', 'ttl_ms or keys_max out of range')
-    end
+  local remember = ARGV[6]
+  if remember ~= 'key' and remember ~= 'call' then
+    refuse('invalid', 'remember (ARGV[6]) is not key or call: ' .. tostring(remember))
+  end
+  local counted = remember == 'key'
+  local fingerprint = ARGV[7]
+  local ttl_ms = arg_number(8, 'ttl_ms')
+  local keys_max = arg_number(9, 'keys_max')
+  if ttl_ms < 1 or ttl_ms > CAP or keys_max > CAP then
+    refuse('invalid', 'ttl_ms or keys_max out of range')
   end
 
   -- Then every read.
@@ -72,14 +78,14 @@ return run(function()
     refuse('unknown_org')
   end
   local now = now_ms()
-  if with_key then
-    local remembered = hgetall_map(KEYS[7])
-    if remembered.fp ~= nil then
-      if remembered.fp ~= fingerprint then
-        refuse('idempotency_mismatch')
-      end
-      return { 'replay', remembered.returned, remembered.state }
+  local remembered = hgetall_map(KEYS[7])
+  if remembered.fp ~= nil then
+    if remembered.fp ~= fingerprint then
+      refuse('idempotency_mismatch')
     end
+    return { 'replay', remembered.returned, remembered.state }
+  end
+  if counted then
     local live = redis.call('ZCOUNT', KEYS[6], '(' .. fmt(now), '+inf')
     if live >= keys_max then
       refuse('limit_exceeded', fmt(keys_max))
@@ -208,14 +214,14 @@ return run(function()
     save(st, events, now)
   end
   local reply = state_tokens(st, { 'ok', fmt(returned) })
-  if with_key then
-    local state = {}
-    for i = 3, #reply do
-      state[#state + 1] = reply[i]
-    end
-    redis.call('HSET', KEYS[7], 'fp', fingerprint, 'returned', fmt(returned), 'state',
-      table.concat(state, ' '))
-    redis.call('PEXPIRE', KEYS[7], fmt(ttl_ms))
+  local state = {}
+  for i = 3, #reply do
+    state[#state + 1] = reply[i]
+  end
+  redis.call('HSET', KEYS[7], 'fp', fingerprint, 'returned', fmt(returned), 'state',
+    table.concat(state, ' '))
+  redis.call('PEXPIRE', KEYS[7], fmt(ttl_ms))
+  if counted then
     redis.call('ZADD', KEYS[6], fmt(now + ttl_ms), KEYS[7])
     -- Forget expired keys from the index (their hashes expired by themselves).
     redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', fmt(now))

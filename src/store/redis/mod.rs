@@ -9,7 +9,7 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `creditd:{org}:meta` | hash | `org`, `mode`, `primary`, `purchased`, `used_deleted`, `version` |
+//! | `creditd:{org}:meta` | hash | `org`, `mode`, `primary`, `purchased`, `used_deleted`, `version`, `created_by` (call id) |
 //! | `creditd:{org}:bal` | hash | workspace → balance no node has leased |
 //! | `creditd:{org}:used` | hash | workspace → credits consumed |
 //! | `creditd:{org}:nodes` | set | nodes that ever settled the org |
@@ -17,6 +17,7 @@
 //! | `creditd:{org}:ledger` | list | JSON ledger entries; the i-th (1-based) has `seq` i |
 //! | `creditd:{org}:idem` | sorted set | remembered idempotency keys, scored by expiry (ms) |
 //! | `creditd:{org}:idem:<scope>:<key>` | hash, `PX` TTL | fingerprint, outcome (`returned`, state) |
+//! | `creditd:{org}:idem:call:<call id>` | hash, `PX` TTL | the same, for a call without a key |
 //! | `creditd:node:<node>:epoch` | string | the node's life counter (`INCR` at start) |
 //!
 //! Counters are decimal strings. Lua numbers are doubles, exact only up to 2^53, so no
@@ -38,7 +39,11 @@
 //! [`StoreError::Unavailable`]: the outcome is unknown and the node re-sends the same call
 //! (a settle batch keeps its (node, epoch, seq), so it applies once). A server that lost its
 //! script cache (restart, failover, `SCRIPT FLUSH`) answers `NOSCRIPT`, and the script is sent
-//! again with EVAL. At start the store refuses a Redis whose `maxmemory-policy` is not
+//! again with EVAL. The cluster client itself re-sends a command after a lost connection or
+//! a response timeout, so every command must be safe to run twice: a settle is applied once by
+//! its (node, epoch, seq), and every `apply` and `create_org` carries a call id that the script
+//! remembers with its outcome (the caller's idempotency key, or a unique id kept
+//! [`CALL_ID_TTL`]). At start the store refuses a Redis whose `maxmemory-policy` is not
 //! `noeviction` (eviction could delete balances), or only warns if so configured.
 //!
 //! # What differs from the embedded store, on purpose
@@ -85,6 +90,11 @@ const SETTLE_ENTRIES_PER_WORKSPACE: usize = 4;
 
 /// Largest ledger page read in one call; a caller asking for more gets this many and a cursor.
 const LEDGER_PAGE_MAX: usize = 100_000;
+
+/// How long the store remembers the outcome of a call that came without an idempotency key:
+/// longer than any re-send of the same command by the client (the cluster client re-sends
+/// after a lost connection or a response timeout, within a few call timeouts).
+const CALL_ID_TTL: Duration = Duration::from_secs(300);
 
 /// Reconnection attempts of the standalone connection per failure, and their longest delay;
 /// every call is bounded by `redis_call_timeout` anyway.
@@ -145,6 +155,14 @@ pub enum RedisOpenError {
     PolicyUnknown(String),
 }
 
+/// What makes one `apply` call apply once.
+enum Once<'a> {
+    /// The caller's idempotency key.
+    Key(&'a IdempotencyKey),
+    /// The store's own id for a call without a key.
+    Call(&'a str),
+}
+
 struct Inner {
     redis: Redis,
     scripts: Scripts,
@@ -178,6 +196,30 @@ fn org_keys(org: &OrgId) -> Vec<String> {
         .iter()
         .map(|k| format!("{p}{k}"))
         .collect()
+}
+
+/// A unique id for one store call (32 hex digits): the scripts remember it with the call's
+/// outcome, so that a command re-sent by the client is not applied twice.
+fn call_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let n = CALLS.fetch_add(1, Ordering::Relaxed);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    // Two independently keyed hashes (std seeds each RandomState at random) of the process,
+    // the time and a counter.
+    let half = |salt: u64| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(salt);
+        h.write_u32(std::process::id());
+        h.write_u64(now);
+        h.write_u64(n);
+        h.finish()
+    };
+    format!("{:016x}{:016x}", half(1), half(2))
 }
 
 fn epoch_key(node: &NodeId) -> String {
@@ -348,6 +390,129 @@ impl RedisStore {
         });
     }
 
+    /// [`Store::create_org`] as the call `call`: the same call sent twice (as a client does
+    /// after a lost connection) creates the org once and answers `Ok` both times. Public for
+    /// the tests that re-send a call.
+    #[doc(hidden)]
+    pub async fn create_org_as_call(
+        &self,
+        org: &OrgId,
+        mode: Mode,
+        primary: &WorkspaceId,
+        call: &str,
+    ) -> Result<OrgRecord, StoreError> {
+        let args = [
+            org.to_string(),
+            mode.as_str().to_string(),
+            primary.to_string(),
+            call.to_string(),
+        ];
+        let tokens = self
+            .inner
+            .redis
+            .eval(&self.inner.scripts.create_org, &org_keys(org), &args)
+            .await?;
+        let record = match status(org, None, &tokens)? {
+            ("ok", rest) => Tokens::new(rest, "create_org").record(org)?,
+            (other, _) => return Err(unexpected("create_org", other)),
+        };
+        self.announce_later(Notice::Changed {
+            org: org.clone(),
+            version: record.version,
+        });
+        Ok(record)
+    }
+
+    /// [`Store::apply`] without an idempotency key, as the call `call` (see
+    /// [`RedisStore::create_org_as_call`]).
+    #[doc(hidden)]
+    pub async fn apply_as_call(
+        &self,
+        org: &OrgId,
+        op: &AdminOp,
+        call: &str,
+    ) -> Result<AdminOutcome, StoreError> {
+        self.apply_once(org, op, Once::Call(call)).await
+    }
+
+    async fn apply_once(
+        &self,
+        org: &OrgId,
+        op: &AdminOp,
+        once: Once<'_>,
+    ) -> Result<AdminOutcome, StoreError> {
+        let mut keys = org_keys(org);
+        keys.push(format!("{}idem", prefix(org)));
+        let mut args = vec![org.to_string(), op.name().to_string()];
+        match op {
+            AdminOp::Purchase { amount } => args.extend([amount.get().to_string(), "".into()]),
+            AdminOp::CreateWorkspace { workspace } | AdminOp::DeleteWorkspace { workspace } => {
+                args.extend([workspace.to_string(), "".into()])
+            }
+            AdminOp::Transfer { from, to, amount } => {
+                args.extend([from.to_string(), to.to_string()]);
+                args.push(amount.get().to_string());
+            }
+            AdminOp::SetMode { mode } => args.extend([mode.as_str().to_string(), "".into()]),
+        }
+        if args.len() == 4 {
+            args.push(String::new());
+        }
+        let options = &self.inner.options;
+        let key_name = match once {
+            Once::Key(k) => {
+                keys.push(format!("{}idem:{}:{}", prefix(org), k.scope, k.key));
+                args.push("key".into());
+                args.push(k.fingerprint.clone());
+                args.push(options.idempotency_ttl.as_millis().to_string());
+                Some(k.key.as_str())
+            }
+            Once::Call(call) => {
+                keys.push(format!("{}idem:call:{call}", prefix(org)));
+                args.push("call".into());
+                args.push(String::new());
+                args.push(CALL_ID_TTL.as_millis().to_string());
+                None
+            }
+        };
+        args.push(options.idempotency_keys_max.to_string());
+        let tokens = self
+            .inner
+            .redis
+            .eval(&self.inner.scripts.apply, &keys, &args)
+            .await?;
+        match status(org, key_name, &tokens)? {
+            ("ok", rest) => {
+                let mut t = Tokens::new(rest, "apply");
+                let returned = t.u64()?;
+                let record = t.record(org)?;
+                self.announce_later(Notice::Changed {
+                    org: org.clone(),
+                    version: record.version,
+                });
+                Ok(AdminOutcome {
+                    view: record.view(),
+                    returned,
+                    replayed: false,
+                })
+            }
+            ("replay", [returned, state]) => {
+                let returned = returned.parse::<u64>().map_err(|_| {
+                    StoreError::Corrupt(format!("remembered outcome: `{returned}`"))
+                })?;
+                let state: Vec<String> = state.split(' ').map(str::to_string).collect();
+                let record = Tokens::new(&state, "remembered outcome").record(org)?;
+                Ok(AdminOutcome {
+                    view: record.view(),
+                    returned,
+                    // A re-sent call is the same call: only a caller's key replays.
+                    replayed: key_name.is_some(),
+                })
+            }
+            (other, _) => Err(unexpected("apply", other)),
+        }
+    }
+
     /// Arguments of the settle script for one batch.
     fn settle_args(&self, org: &OrgId, batch: &SettleBatch) -> Vec<String> {
         let mut args = Vec::with_capacity(
@@ -475,25 +640,8 @@ impl Store for RedisStore {
         mode: Mode,
         primary: &WorkspaceId,
     ) -> Result<OrgRecord, StoreError> {
-        let args = [
-            org.to_string(),
-            mode.as_str().to_string(),
-            primary.to_string(),
-        ];
-        let tokens = self
-            .inner
-            .redis
-            .eval(&self.inner.scripts.create_org, &org_keys(org), &args)
-            .await?;
-        let record = match status(org, None, &tokens)? {
-            ("ok", rest) => Tokens::new(rest, "create_org").record(org)?,
-            (other, _) => return Err(unexpected("create_org", other)),
-        };
-        self.announce_later(Notice::Changed {
-            org: org.clone(),
-            version: record.version,
-        });
-        Ok(record)
+        self.create_org_as_call(org, mode, primary, &call_id())
+            .await
     }
 
     async fn apply(
@@ -502,63 +650,9 @@ impl Store for RedisStore {
         op: &AdminOp,
         key: Option<&IdempotencyKey>,
     ) -> Result<AdminOutcome, StoreError> {
-        let mut keys = org_keys(org);
-        keys.push(format!("{}idem", prefix(org)));
-        let mut args = vec![org.to_string(), op.name().to_string()];
-        match op {
-            AdminOp::Purchase { amount } => args.extend([amount.get().to_string(), "".into()]),
-            AdminOp::CreateWorkspace { workspace } | AdminOp::DeleteWorkspace { workspace } => {
-                args.extend([workspace.to_string(), "".into()])
-            }
-            AdminOp::Transfer { from, to, amount } => {
-                args.extend([from.to_string(), to.to_string()]);
-                args.push(amount.get().to_string());
-            }
-            AdminOp::SetMode { mode } => args.extend([mode.as_str().to_string(), "".into()]),
-        }
-        if args.len() == 4 {
-            args.push(String::new());
-        }
-        if let Some(k) = key {
-            keys.push(format!("{}idem:{}:{}", prefix(org), k.scope, k.key));
-            args.push(k.fingerprint.clone());
-            args.push(self.inner.options.idempotency_ttl.as_millis().to_string());
-            args.push(self.inner.options.idempotency_keys_max.to_string());
-        }
-        let tokens = self
-            .inner
-            .redis
-            .eval(&self.inner.scripts.apply, &keys, &args)
-            .await?;
-        let key_name = key.map(|k| k.key.as_str());
-        match status(org, key_name, &tokens)? {
-            ("ok", rest) => {
-                let mut t = Tokens::new(rest, "apply");
-                let returned = t.u64()?;
-                let record = t.record(org)?;
-                self.announce_later(Notice::Changed {
-                    org: org.clone(),
-                    version: record.version,
-                });
-                Ok(AdminOutcome {
-                    view: record.view(),
-                    returned,
-                    replayed: false,
-                })
-            }
-            ("replay", [returned, state]) => {
-                let returned = returned.parse::<u64>().map_err(|_| {
-                    StoreError::Corrupt(format!("remembered outcome: `{returned}`"))
-                })?;
-                let state: Vec<String> = state.split(' ').map(str::to_string).collect();
-                let record = Tokens::new(&state, "remembered outcome").record(org)?;
-                Ok(AdminOutcome {
-                    view: record.view(),
-                    returned,
-                    replayed: true,
-                })
-            }
-            (other, _) => Err(unexpected("apply", other)),
+        match key {
+            Some(key) => self.apply_once(org, op, Once::Key(key)).await,
+            None => self.apply_once(org, op, Once::Call(&call_id())).await,
         }
     }
 
