@@ -67,9 +67,16 @@ impl Pool {
 
     /// What this node knows the spender can still use.
     pub fn remaining(&self) -> u64 {
+        self.lease().saturating_add(self.beyond_lease())
+    }
+
+    /// What the spender has beyond this node's lease, as of the last settle: the store's
+    /// unleased balance and other nodes' leases (a recall can bring those here). Zero on one
+    /// node once the whole balance is leased, so `remaining` is exact there.
+    fn beyond_lease(&self) -> u64 {
         let left = self.store_left();
         let left = if left == STORE_LEFT_UNKNOWN { 0 } else { left };
-        self.lease().saturating_add(left)
+        left.saturating_add(self.others())
     }
 
     /// True when the store said it has nothing beyond the leases and this node's is empty.
@@ -123,8 +130,7 @@ impl Pool {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    let left = self.store_left();
-                    let left = if left == STORE_LEFT_UNKNOWN { 0 } else { left };
+                    let left = self.beyond_lease();
                     return Take::Taken {
                         remaining: (current - amount).saturating_add(left),
                     };

@@ -457,6 +457,18 @@ impl OrgRecord {
             from: self.mode,
             to: mode,
         }];
+        // shared -> budget: the Primary's leases were the whole org's pool, and nodes spend them
+        // for every workspace until they learn of the switch. They must be back first, or a
+        // workspace with no budget could spend the Primary's credits in the meantime.
+        if mode == Mode::Budget {
+            let leased = self.leased(&self.primary);
+            if leased > 0 {
+                return Err(RuleError::LeasesOutstanding {
+                    workspace: self.primary.clone(),
+                    leased,
+                });
+            }
+        }
         if mode == Mode::Shared {
             for ws in self.workspaces.keys().filter(|w| **w != self.primary) {
                 let leased = self.leased(ws);

@@ -427,6 +427,27 @@ fn rule6_shared_to_budget_moves_nothing() {
 }
 
 #[test]
+fn rule6_shared_to_budget_waits_for_the_pool_leases() {
+    let mut r = org(Mode::Shared);
+    r.purchase(amt(1_000)).unwrap();
+    r.create_workspace(ws("ws-a")).unwrap();
+    // In shared mode a node leases the Primary's pool and spends it for every workspace.
+    settle(&mut r, &want(batch("n1", 1, 1), PRIMARY, 40));
+    let err = refused(&mut r, |r| r.set_mode(Mode::Budget));
+    assert_eq!(
+        err,
+        RuleError::LeasesOutstanding {
+            workspace: ws(PRIMARY),
+            leased: 40
+        }
+    );
+    settle(&mut r, &release(batch("n1", 1, 2), PRIMARY, 40));
+    r.set_mode(Mode::Budget).unwrap();
+    assert_eq!((balance(&r, PRIMARY), balance(&r, "ws-a")), (1_000, 0));
+    assert_conserved(&r);
+}
+
+#[test]
 fn rule6_setting_the_current_mode_again_changes_nothing() {
     for mode in [Mode::Budget, Mode::Shared] {
         let mut r = org(mode);

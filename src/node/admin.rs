@@ -171,7 +171,12 @@ impl Node {
                     let pause = if attempt < RECALL_ATTEMPTS_MAX { 1 } else { 10 };
                     tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
                 }
-                result => return Ok(result?),
+                result => {
+                    if _recalling.is_some() {
+                        self.announce_resume(slot).await;
+                    }
+                    return Ok(result?);
+                }
             }
         }
     }
@@ -194,9 +199,24 @@ impl Node {
         RecallGuard(slot)
     }
 
+    /// Tells the other nodes that this node's recall is over, so they lease again.
+    pub(crate) async fn announce_resume(&self, slot: &OrgSlot) {
+        m::store_call("announce");
+        if let Err(e) = self
+            .store
+            .announce(&Notice::Resume {
+                org: slot.org.clone(),
+            })
+            .await
+        {
+            tracing::warn!(org = %slot.org, error = %e, "resume notice failed");
+        }
+    }
+
     /// Rebuilds an org another node changed: give leases back, reload, lease again. The
     /// caller holds the org's admin lock.
     pub(crate) async fn reload(&self, slot: &Arc<OrgSlot>) -> Result<(), NodeError> {
+        tracing::debug!(org = %slot.org, "reloading an org changed elsewhere");
         self.settle_slots(std::slice::from_ref(slot), Wants::Recall)
             .await?;
         self.refresh(slot).await
@@ -224,8 +244,11 @@ impl Node {
 
     /// Acts on one notice.
     fn follow(self: Arc<Self>, notice: Notice) {
+        tracing::debug!(?notice, "notice");
         let org = match &notice {
-            Notice::Changed { org, .. } | Notice::Recall { org } => org.clone(),
+            Notice::Changed { org, .. } | Notice::Recall { org } | Notice::Resume { org } => {
+                org.clone()
+            }
         };
         self.unknown_orgs.remove(org.as_str());
         let Some(slot) = self.orgs.get(&org).map(|s| Arc::clone(s.value())) else {
@@ -233,6 +256,8 @@ impl Node {
         };
         match notice {
             Notice::Changed { version, .. } => {
+                // A change ends any recall in progress: lease again.
+                *slot.recalled_until.lock() = None;
                 slot.seen_version
                     .fetch_max(version, std::sync::atomic::Ordering::AcqRel);
                 if version > slot.current().version {
@@ -246,6 +271,9 @@ impl Node {
                     });
                 }
             }
+            Notice::Resume { .. } => {
+                *slot.recalled_until.lock() = None;
+            }
             Notice::Recall { .. } => {
                 if slot.recalling.load(std::sync::atomic::Ordering::Acquire) {
                     return;
@@ -256,13 +284,12 @@ impl Node {
         }
     }
 
-    /// Answers another node's recall: settle and return every lease of the org, then take
-    /// leases only on demand for a while, so credits flow to where they are needed.
+    /// Answers another node's recall: settle and return every lease of the org, then take no
+    /// new lease until the recalling node resumes (or changes the org), at most
+    /// `recall_wait_max`: otherwise this node's own debits would lease the credits again and
+    /// the recall would never converge under load. Debits that need a lease meanwhile wait.
     async fn give_back(&self, slot: &Arc<OrgSlot>) {
-        let window = self
-            .options
-            .heartbeat_interval
-            .min(self.options.recall_wait_max * 2);
+        let window = self.options.recall_wait_max;
         *slot.recalled_until.lock() = Some(tokio::time::Instant::now() + window);
         let Ok(_admin) =
             tokio::time::timeout(self.options.recall_wait_max, slot.admin.lock()).await

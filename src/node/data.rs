@@ -236,6 +236,11 @@ impl Node {
         reserve: bool,
     ) -> Result<(Decision, Arc<Account>), NodeError> {
         let slot = self.slot(org).await?;
+        // Another node is recalling this org's leases: wait until it is done (the caller's
+        // lease wait bounds this) rather than take back what it asked for.
+        while slot.is_recalled() {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
         let _admin = slot.admin.lock().await;
         // The org may have been rebuilt while we waited: look the account up again.
         let account = self.account(org, ws).await?;
@@ -258,6 +263,7 @@ impl Node {
                             .await?;
                         decision = account.debit(amount.get(), reserve);
                     }
+                    self.announce_resume(&slot).await;
                 }
                 match decision {
                     Debit::Allowed { remaining } => Decision::Allowed { remaining },

@@ -234,6 +234,13 @@ impl OrgSlot {
     pub fn current(&self) -> Arc<OrgState> {
         Arc::clone(&self.state.read())
     }
+
+    /// True while another node's recall asks this node not to lease the org.
+    pub fn is_recalled(&self) -> bool {
+        self.recalled_until
+            .lock()
+            .is_some_and(|t| tokio::time::Instant::now() < t)
+    }
 }
 
 /// A creditd node.

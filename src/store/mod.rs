@@ -127,8 +127,11 @@ pub struct NodeStart {
 pub enum Notice {
     /// The org changed (a control-plane operation): reload it.
     Changed { org: OrgId, version: u64 },
-    /// A node needs credits that other nodes hold as leases: settle and give them back.
+    /// A node needs credits that other nodes hold as leases: settle and give them back, and
+    /// take no new lease of the org until `Resume` (or a change), at most `recall_wait_max`.
     Recall { org: OrgId },
+    /// The node that asked for a recall is done: lease again.
+    Resume { org: OrgId },
 }
 
 /// A failure of the store (a refusal by the rules is `Rule`).

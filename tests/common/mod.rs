@@ -538,3 +538,41 @@ pub fn run_binary(
     }
     (status, stderr)
 }
+
+impl Client {
+    /// A debit that reports a failed connection as `None` instead of failing the test: for
+    /// load aimed at a node that is killed on purpose.
+    pub async fn try_debit(&self, org: &str, ws: &str, amount: u64) -> Option<Answer> {
+        let body = serde_json::json!({"org": org, "workspace": ws, "amount": amount}).to_string();
+        let attempt = async {
+            let stream = tokio::net::TcpStream::connect(self.addr).await.ok()?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .ok()?;
+            tokio::spawn(conn);
+            let req = Request::builder()
+                .method(Method::POST)
+                .uri("/v1/debit")
+                .header("host", self.addr.to_string())
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .ok()?;
+            let response = sender.send_request(req).await.ok()?;
+            let status = response.status();
+            let headers = response.headers().clone();
+            let bytes = response.into_body().collect().await.ok()?.to_bytes();
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            Some(Answer {
+                status,
+                headers,
+                body,
+                text,
+            })
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, attempt)
+            .await
+            .ok()
+            .flatten()
+    }
+}

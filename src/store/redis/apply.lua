@@ -171,6 +171,14 @@ return run(function()
     -- Rule 6. Setting the current mode again changes nothing and records nothing.
     if mode ~= st.mode then
       events[1] = ev.mode_changed(st.mode, mode)
+      if mode == 'budget' then
+        -- shared -> budget: the Primary's leases were the whole org's pool; nodes spend them
+        -- for every workspace until they learn of the switch, so they must be back first.
+        local leased = leased_by_ws(st)[st.primary] or 0
+        if leased > 0 then
+          refuse('leases_outstanding', st.primary, fmt(leased))
+        end
+      end
       if mode == 'shared' then
         -- The first non-primary workspace (in byte order) with a lease is named, as in the
         -- model; only workspaces with a lease or a balance are sorted.
