@@ -855,9 +855,11 @@ async fn every_limit_hit_is_counted_in_metrics() {
             let anonymous = anonymous.clone();
             async move {
                 let text = anonymous.get("/metrics").await.text;
-                labels
-                    .iter()
-                    .all(|l| text.contains(&format!("creditd_limit_hits_total{{limit=\"{l}\"}}")))
+                // Every series exists at 0 from the start: each must have counted a hit.
+                labels.iter().all(|l| {
+                    common::metric(&text, &format!("creditd_limit_hits_total{{limit=\"{l}\"}}"))
+                        >= 1.0
+                })
             }
         },
     )
