@@ -506,3 +506,29 @@ async fn a_redis_restart_mid_load_fails_no_settlement_after_one_retry() {
     let view = view_with_used(&cs[0], "acme", total, Duration::from_secs(20)).await;
     assert_conserved(&view);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_a_three_master_redis_cluster_spend_exactly_the_budgets() {
+    let cluster = support::redis::RedisCluster::start();
+    let (procs, _dirs) = nodes(&cluster.url(), 3, &[]).await;
+    let cs = clients(&procs);
+    // Several orgs, so that their hash tags land on different masters.
+    let orgs = ["acme", "globex", "initech", "umbrella"];
+    for org in orgs {
+        seed_budget(&cs[0], org, "ws", 200).await;
+    }
+    let mut runs = Vec::new();
+    for org in orgs {
+        let cs = cs.clone();
+        runs.push(tokio::spawn(
+            async move { hammer(&cs, org, "ws", 2, 150).await },
+        ));
+    }
+    for run in runs {
+        assert_eq!(run.await.unwrap(), 200, "every credit spent once");
+    }
+    for org in orgs {
+        let view = view_with_used(&cs[1], org, 200, Duration::from_secs(20)).await;
+        assert_conserved(&view);
+    }
+}
