@@ -576,3 +576,35 @@ impl Client {
             .flatten()
     }
 }
+
+/// Asserts an error answer: status, stable code, a fragment of the message, JSON body.
+pub fn assert_error(a: &Answer, status: u16, code: &str, fragment: &str) {
+    assert_eq!(a.status.as_u16(), status, "status of {}", a.text);
+    assert_eq!(a.error_code(), code, "code of {}", a.text);
+    let message = a.body["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no message in {}", a.text));
+    assert!(
+        message.contains(fragment),
+        "message {message:?} does not contain {fragment:?}"
+    );
+    assert_eq!(
+        a.headers.get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/json"),
+        "error bodies are JSON: {a:?}"
+    );
+}
+
+/// A budget-mode org with `purchased` credits and workspaces given `allot` credits each.
+pub async fn budget_org(c: &Client, org: &str, purchased: u64, allot: &[(&str, u64)]) -> Value {
+    c.create_org(org, "budget").await;
+    c.purchase(org, purchased).await;
+    for (ws, amount) in allot {
+        c.create_workspace(org, ws).await;
+        if *amount > 0 {
+            let a = c.transfer(org, "primary", ws, *amount).await;
+            assert_eq!(a.status, StatusCode::OK, "transfer: {}", a.text);
+        }
+    }
+    c.org(org).await
+}
