@@ -20,6 +20,15 @@ pub enum Decision {
     Insufficient { remaining: u64 },
 }
 
+/// The cache's answer as a decision; `None` when the store must be asked.
+fn decided(debit: Debit) -> Option<Decision> {
+    match debit {
+        Debit::Allowed { remaining } => Some(Decision::Allowed { remaining }),
+        Debit::Insufficient { remaining } => Some(Decision::Insufficient { remaining }),
+        Debit::AskStore => None,
+    }
+}
+
 /// A reservation made, or refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reserved {
@@ -207,23 +216,15 @@ impl Node {
         reserve: bool,
     ) -> Result<(Decision, Arc<Account>), NodeError> {
         let account = self.account(org, ws).await?;
-        match account.debit(amount.get(), reserve) {
-            Debit::Allowed { remaining } => Ok((Decision::Allowed { remaining }, account)),
-            Debit::Insufficient { remaining } => {
-                Ok((Decision::Insufficient { remaining }, account))
-            }
-            Debit::AskStore => {
-                let wait = self.options.lease_wait_max;
-                tokio::time::timeout(wait, self.refill_and_take(org, ws, amount, reserve))
-                    .await
-                    .map_err(|_| {
-                        NodeError::Unavailable(format!(
-                            "lease wait exceeded {}ms",
-                            wait.as_millis()
-                        ))
-                    })?
-            }
+        if let Some(decision) = decided(account.debit(amount.get(), reserve)) {
+            return Ok((decision, account));
         }
+        let wait = self.options.lease_wait_max;
+        tokio::time::timeout(wait, self.refill_and_take(org, ws, amount, reserve))
+            .await
+            .map_err(|_| {
+                NodeError::Unavailable(format!("lease wait exceeded {}ms", wait.as_millis()))
+            })?
     }
 
     /// Waits for the org's control-plane changes, then asks the store for a lease and tries
@@ -244,36 +245,29 @@ impl Node {
         let _admin = slot.admin.lock().await;
         // The org may have been rebuilt while we waited: look the account up again.
         let account = self.account(org, ws).await?;
-        let decision = match account.debit(amount.get(), reserve) {
-            Debit::Allowed { remaining } => Decision::Allowed { remaining },
-            Debit::Insufficient { remaining } => Decision::Insufficient { remaining },
-            Debit::AskStore => {
-                let spender: WorkspaceId = account.pool.spender.clone();
-                let wants = Wants::One(spender, amount.get());
+        if let Some(decision) = decided(account.debit(amount.get(), reserve)) {
+            return Ok((decision, account));
+        }
+        let wants = Wants::One(account.pool.spender.clone(), amount.get());
+        self.settle_slots(&[Arc::clone(&slot)], wants.clone())
+            .await?;
+        let mut debit = account.debit(amount.get(), reserve);
+        // Still short, but other nodes hold leases of this spender: ask them to give them back
+        // and try again until they do (the caller's lease wait bounds this).
+        if debit == Debit::AskStore && account.pool.others() > 0 {
+            let _recalling = self.announce_recall(&slot).await;
+            while debit == Debit::AskStore && account.pool.others() > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 self.settle_slots(&[Arc::clone(&slot)], wants.clone())
                     .await?;
-                let mut decision = account.debit(amount.get(), reserve);
-                // Still short, but other nodes hold leases of this spender: ask them to give
-                // them back and try again until they do (the caller's lease wait bounds this).
-                if decision == Debit::AskStore && account.pool.others() > 0 {
-                    let _recalling = self.announce_recall(&slot).await;
-                    while decision == Debit::AskStore && account.pool.others() > 0 {
-                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                        self.settle_slots(&[Arc::clone(&slot)], wants.clone())
-                            .await?;
-                        decision = account.debit(amount.get(), reserve);
-                    }
-                    self.announce_resume(&slot).await;
-                }
-                match decision {
-                    Debit::Allowed { remaining } => Decision::Allowed { remaining },
-                    Debit::Insufficient { remaining } => Decision::Insufficient { remaining },
-                    Debit::AskStore => Decision::Insufficient {
-                        remaining: account.pool.remaining(),
-                    },
-                }
+                debit = account.debit(amount.get(), reserve);
             }
-        };
+            self.announce_resume(&slot).await;
+        }
+        // What the store could not cover after asking is refused.
+        let decision = decided(debit).unwrap_or(Decision::Insufficient {
+            remaining: account.pool.remaining(),
+        });
         Ok((decision, account))
     }
 
