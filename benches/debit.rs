@@ -47,9 +47,9 @@ fn creditd_cache() -> Cache {
 
 #[inline]
 fn creditd_debit(cache: &Cache, org: &str, ws: &str, amount: u64) -> u64 {
-    let account = cache.get(org, ws).expect("warm account");
-    match account.debit(amount, false) {
-        Debit::Allowed { remaining } => remaining,
+    // The node's hot path: the debit in place in the map (`Node::debit` calls exactly this).
+    match cache.debit(org, ws, amount, false) {
+        Some(Debit::Allowed { remaining }) => remaining,
         other => panic!("debit refused: {other:?}"),
     }
 }

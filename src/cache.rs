@@ -7,10 +7,9 @@
 //! settler last collected (consumed, reserved, committed, released). The settler reports those
 //! counts to the store and tops the pools up.
 
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-
-use dashmap::DashMap;
 
 use crate::model::{OrgId, UsageLine, WorkspaceId};
 
@@ -257,26 +256,69 @@ impl Account {
     }
 }
 
-/// Longest key: two ids and a separator.
-const KEY_BYTES_MAX: usize = 2 * crate::model::ID_BYTES_MAX + 1;
-
-/// Builds the map key `org/ws` on the stack. Ids never contain `/`, so keys are unambiguous.
-fn with_key<R>(org: &str, ws: &str, f: impl FnOnce(&str) -> R) -> Option<R> {
-    let len = org.len() + 1 + ws.len();
-    if len > KEY_BYTES_MAX {
-        return None;
-    }
-    let mut buf = [0u8; KEY_BYTES_MAX];
-    buf[..org.len()].copy_from_slice(org.as_bytes());
-    buf[org.len()] = b'/';
-    buf[org.len() + 1..len].copy_from_slice(ws.as_bytes());
-    std::str::from_utf8(&buf[..len]).ok().map(f)
+/// The map key of an account: its org and workspace.
+#[derive(Debug, PartialEq, Eq)]
+struct AccountKey {
+    org: Box<str>,
+    ws: Box<str>,
 }
 
-/// Every account this node has loaded, keyed by `org/workspace`.
-#[derive(Debug, Default)]
+impl Hash for AccountKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        Query {
+            org: &self.org,
+            ws: &self.ws,
+        }
+        .hash(h)
+    }
+}
+
+/// A borrowed key, to look an account up without building (or allocating) a key. It hashes
+/// exactly as [`AccountKey`]: `str` hashing ends each string with a terminator, so
+/// ("ab", "c") and ("a", "bc") differ.
+struct Query<'a> {
+    org: &'a str,
+    ws: &'a str,
+}
+
+impl Hash for Query<'_> {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.org.hash(h);
+        self.ws.hash(h);
+    }
+}
+
+impl papaya::Equivalent<AccountKey> for Query<'_> {
+    fn equivalent(&self, key: &AccountKey) -> bool {
+        *key.org == *self.org && *key.ws == *self.ws
+    }
+}
+
+/// Every account this node has loaded, keyed by (org, workspace).
+///
+/// papaya with foldhash, measured against DashMap (`benches/map_choice.rs`, BENCHMARKS.md):
+/// its reads take no lock (an epoch guard, no shared write), so two threads debiting one
+/// account contend only on the account's own atomics; foldhash halves the cost of hashing the
+/// key. Keys of a lookup come from requests, but only operators insert accounts, so a flood of
+/// crafted keys cannot grow a collision chain.
 pub struct Cache {
-    accounts: DashMap<Box<str>, Arc<Account>>,
+    accounts: papaya::HashMap<AccountKey, Arc<Account>, foldhash::fast::RandomState>,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Cache {
+            accounts: papaya::HashMap::with_hasher(foldhash::fast::RandomState::default()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("accounts", &self.accounts.len())
+            .finish()
+    }
 }
 
 impl Cache {
@@ -284,25 +326,39 @@ impl Cache {
         Self::default()
     }
 
-    /// Looks an account up without allocating.
+    /// The hot path: debits an account in place, without allocating or touching its
+    /// reference count. `None` if the account is not cached.
+    pub fn debit(&self, org: &str, ws: &str, amount: u64, reserve: bool) -> Option<Debit> {
+        self.accounts
+            .pin()
+            .get(&Query { org, ws })
+            .map(|a| a.debit(amount, reserve))
+    }
+
+    /// Looks an account up without allocating (for the slow path, which keeps it).
     pub fn get(&self, org: &str, ws: &str) -> Option<Arc<Account>> {
-        with_key(org, ws, |k| {
-            self.accounts.get(k).map(|a| Arc::clone(a.value()))
-        })
-        .flatten()
+        self.accounts.pin().get(&Query { org, ws }).cloned()
     }
 
     /// Installs or replaces an account.
     pub fn insert(&self, account: Arc<Account>) {
-        let key = format!("{}/{}", account.org, account.workspace);
-        self.accounts.insert(key.into_boxed_str(), account);
+        let key = AccountKey {
+            org: account.org.as_str().into(),
+            ws: account.workspace.as_str().into(),
+        };
+        self.accounts.pin().insert(key, account);
     }
 
     /// Removes an account if it is still the one given.
     pub fn remove(&self, account: &Arc<Account>) {
-        if let Some(()) = with_key(account.org.as_str(), account.workspace.as_str(), |k| {
-            self.accounts.remove_if(k, |_, v| Arc::ptr_eq(v, account));
-        }) {}
+        let key = Query {
+            org: account.org.as_str(),
+            ws: account.workspace.as_str(),
+        };
+        let _ = self
+            .accounts
+            .pin()
+            .remove_if(&key, |_, v| Arc::ptr_eq(v, account));
     }
 
     pub fn len(&self) -> usize {
@@ -367,11 +423,16 @@ mod tests {
     }
 
     #[test]
-    fn keys_are_built_without_ambiguity() {
+    fn keys_are_unambiguous() {
         let cache = Cache::new();
         cache.insert(Arc::new(account(1, 0)));
         assert!(cache.get("org", "ws").is_some());
-        assert!(cache.get("org/ws", "").is_none());
-        assert!(cache.get(&"o".repeat(64), &"w".repeat(65)).is_none());
+        assert!(cache.get("orgw", "s").is_none());
+        assert!(cache.get("or", "gws").is_none());
+        assert!(cache.debit("org", "ws", 1, false).is_some());
+        assert!(cache.debit("org", "w", 1, false).is_none());
+        let account = cache.get("org", "ws").unwrap();
+        cache.remove(&account);
+        assert!(cache.is_empty());
     }
 }

@@ -58,9 +58,17 @@ pub(crate) struct Remembered {
 impl Node {
     /// Takes `amount` from `org`/`ws`.
     pub async fn debit(&self, org: &str, ws: &str, amount: Amount) -> Result<Decision, NodeError> {
-        let (decision, _) = self.take(org, ws, amount, false).await?;
+        // The hot path: in place in the cache, no lock, no allocation, no store call.
+        let decision = match self
+            .cache
+            .debit(org, ws, amount.get(), false)
+            .and_then(decided)
+        {
+            Some(decision) => decision,
+            None => self.take(org, ws, amount, false).await?.0,
+        };
         if let Decision::Allowed { .. } = decision {
-            metrics::counter!(crate::metrics::CREDITS_DEBITED).increment(amount.get());
+            self.credits_debited.increment(amount.get());
         }
         Ok(decision)
     }
@@ -175,7 +183,7 @@ impl Node {
             .remove(id)
             .ok_or_else(|| NodeError::UnknownReservation(id.to_string()))?;
         r.account.finish_reservation(r.amount, amount);
-        metrics::counter!(crate::metrics::CREDITS_DEBITED).increment(amount);
+        self.credits_debited.increment(amount);
         Ok((amount, r.amount - amount))
     }
 

@@ -264,6 +264,8 @@ pub struct Node {
     reservation_counter: AtomicU64,
     reservation_salt: u64,
     ready: AtomicBool,
+    /// `creditd_credits_debited_total`, registered once: the hot path does no registry lookup.
+    credits_debited: metrics::Counter,
 }
 
 impl Node {
@@ -300,6 +302,7 @@ impl Node {
             reservation_counter: AtomicU64::new(0),
             reservation_salt: salt,
             ready: AtomicBool::new(true),
+            credits_debited: metrics::counter!(crate::metrics::CREDITS_DEBITED),
         });
         metrics::gauge!(crate::metrics::READY).set(1.0);
         if let Some(notices) = node.store.subscribe() {
