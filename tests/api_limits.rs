@@ -922,3 +922,44 @@ async fn concurrent_new_keys_never_pass_idempotency_keys_max() {
     assert_eq!(c.org("acme").await["used"], 3);
     node.stop().await;
 }
+
+/// `connections_max`: with every connection slot taken, a new connection is not served (it
+/// waits in the kernel's backlog, costing nothing here) until a slot frees; then it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_wait_until_one_closes() {
+    let node = TestNode::start_with(|c| {
+        c.connections_max = 2;
+        c.header_read_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let addr = node.server.addr();
+    // Two idle connections hold both slots.
+    let first = TcpStream::connect(addr).await.unwrap();
+    let second = TcpStream::connect(addr).await.unwrap();
+    // Both are accepted (and so hold their slots) once a request on a third one is not served.
+    let third = tokio::spawn({
+        let c = node.client.clone();
+        async move { c.get("/healthz").await.status }
+    });
+    let waited = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            if third.is_finished() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        waited.is_err(),
+        "a third connection was served while two held every slot"
+    );
+    drop(first);
+    let status = tokio::time::timeout(Duration::from_secs(10), third)
+        .await
+        .expect("served once a slot was free")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    drop(second);
+    node.stop().await;
+}
