@@ -237,13 +237,14 @@ pub fn assert_conserved(view: &Value) {
 
 /// A config for tests: loopback port 0, a fresh data folder, the test token, fast settling.
 pub fn test_config(data_dir: &Path) -> Config {
-    let mut config = Config::default();
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.data_dir = data_dir.to_path_buf();
-    config.admin_token = Some(TOKEN.to_string());
-    config.settle_interval = Duration::from_millis(50);
-    config.shutdown_grace = Duration::from_secs(5);
-    config
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.to_path_buf(),
+        admin_token: Some(TOKEN.to_string()),
+        settle_interval: Duration::from_millis(50),
+        shutdown_grace: Duration::from_secs(5),
+        ..Config::default()
+    }
 }
 
 /// creditd running in this process.
