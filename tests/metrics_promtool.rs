@@ -7,9 +7,8 @@ mod common;
 mod yaml;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Client, Process};
@@ -22,66 +21,14 @@ const PROMTOOL_LIMIT: Duration = Duration::from_secs(60);
 /// Runs `promtool <args>` in `cwd` with `stdin`, bounded; returns (success, stdout + stderr).
 /// A missing promtool fails the test: it is never skipped.
 fn promtool(args: &[&str], cwd: &Path, stdin: Option<&str>) -> (bool, String) {
-    let mut child = Command::new("promtool")
-        .args(args)
-        .current_dir(cwd)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run promtool ({e}): install the Debian package prometheus (.ci/run \
-                 does); this test is never skipped"
-            )
-        });
-    if let Some(text) = stdin {
-        let mut pipe = child.stdin.take().expect("stdin");
-        pipe.write_all(text.as_bytes()).expect("write to promtool");
-    }
-    let read = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_string(&mut s);
-            }
-            s
-        })
-    };
-    let out = read(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let err = read(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let deadline = Instant::now() + PROMTOOL_LIMIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("promtool {args:?} did not finish within {PROMTOOL_LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let text = format!(
-        "{}{}",
-        out.join().unwrap_or_default(),
-        err.join().unwrap_or_default()
-    );
-    (status.success(), text)
+    let mut cmd = Command::new("promtool");
+    cmd.args(args).current_dir(cwd);
+    let what = "promtool (install the Debian package prometheus: .ci/run does; this test is never skipped)";
+    let done = common::run_bounded(cmd, stdin, PROMTOOL_LIMIT, what);
+    (
+        done.status.success(),
+        format!("{}{}", done.stdout, done.stderr),
+    )
 }
 
 /// Every metric name declared in src/metrics.rs (`pub const X: &str = "creditd_..."`).

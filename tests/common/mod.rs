@@ -498,6 +498,64 @@ impl Client {
     }
 }
 
+/// What a finished child process printed.
+pub struct Finished {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` to its end: pipes its stdout and stderr (each drained on its own thread, so a
+/// large output cannot block the child), writes `stdin` if given, and waits at most `limit`;
+/// past that the child is killed and the test fails. `what` names the program in failures.
+pub fn run_bounded(mut cmd: Command, stdin: Option<&str>, limit: Duration, what: &str) -> Finished {
+    use std::io::{Read, Write};
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    if let Some(text) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin");
+        pipe.write_all(text.as_bytes())
+            .unwrap_or_else(|e| panic!("write to {what}: {e}"));
+    }
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_string(&mut s);
+            }
+            s
+        })
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            // Never leave a stray process behind a failed test.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Finished {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    }
+}
+
 /// Runs the creditd binary with exactly the variables `env` (plus PATH) in `cwd`, waits at most
 /// `limit` for it to exit, and returns its status and stderr. For commands that exit by
 /// themselves (a refused configuration, `healthcheck`).
@@ -507,37 +565,16 @@ pub fn run_binary(
     cwd: &Path,
     limit: Duration,
 ) -> (std::process::ExitStatus, String) {
-    use std::io::Read;
     let mut cmd = Command::new(binary());
     cmd.args(args)
         .current_dir(cwd)
         .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("spawn creditd");
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            // Never leave a stray server behind a failed test.
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("creditd {args:?} did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    if let Some(mut pipe) = child.stderr.take() {
-        let _ = pipe.read_to_string(&mut stderr);
-    }
-    (status, stderr)
+    let done = run_bounded(cmd, None, limit, &format!("creditd {args:?}"));
+    (done.status, done.stderr)
 }
 
 impl Client {
