@@ -144,38 +144,62 @@ async fn a_budget_runs_to_exhaustion_exactly_across_three_nodes() {
     }
 }
 
-/// Debits `org/ws` through `clients` until `stop`, counting 200 answers into `allowed`.
-fn background_load(
-    clients: Vec<Client>,
-    org: &str,
-    ws: &str,
+/// Debits of 1 credit on `org/ws` through every client, in the background, until finished.
+struct Load {
     stop: Arc<AtomicBool>,
     allowed: Arc<AtomicU64>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    clients
-        .into_iter()
-        .map(|c| {
-            let (org, ws, stop, allowed) = (
-                org.to_string(),
-                ws.to_string(),
-                Arc::clone(&stop),
-                Arc::clone(&allowed),
-            );
-            tokio::spawn(async move {
-                let deadline = Instant::now() + Duration::from_secs(120);
-                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    match c.try_debit(&org, &ws, 1).await {
-                        Some(a) if a.status == 200 => {
-                            allowed.fetch_add(1, Ordering::Relaxed);
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(clients: Vec<Client>, org: &str, ws: &str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let allowed = Arc::new(AtomicU64::new(0));
+        let tasks = clients
+            .into_iter()
+            .map(|c| {
+                let (org, ws) = (org.to_string(), ws.to_string());
+                let (stop, allowed) = (Arc::clone(&stop), Arc::clone(&allowed));
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        match c.try_debit(&org, &ws, 1).await {
+                            Some(a) if a.status == 200 => {
+                                allowed.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Some(_) => {}
+                            // A killed node: stop sending to it.
+                            None => return,
                         }
-                        Some(_) => {}
-                        // A killed node: stop sending to it.
-                        None => return,
                     }
-                }
+                })
             })
-        })
-        .collect()
+            .collect();
+        Load {
+            stop,
+            allowed,
+            tasks,
+        }
+    }
+
+    /// Stops the load; returns the number of 200 answers.
+    async fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        self.allowed.load(Ordering::Relaxed)
+    }
+}
+
+/// Waits until the org view on `c` shows more than `n` credits used: load is flowing.
+async fn used_above(c: &Client, org: &str, n: u64) {
+    let c = c.clone();
+    within(Duration::from_secs(20), "load running", || {
+        let c = c.clone();
+        async move { c.org(org).await["used"].as_u64().unwrap() > n }
+    })
+    .await;
 }
 
 /// Polls `check` on a node's answers until it holds, within `limit`.
@@ -202,15 +226,7 @@ async fn changes_on_one_node_reach_the_others_under_load() {
     seed_budget(&cs[0], "acme", "busy", 1_000_000).await;
     cs[0].create_workspace("acme", "ws-x").await;
     // Load on B and C while A changes the org.
-    let stop = Arc::new(AtomicBool::new(false));
-    let allowed = Arc::new(AtomicU64::new(0));
-    let load = background_load(
-        vec![cs[1].clone(), cs[2].clone()],
-        "acme",
-        "busy",
-        Arc::clone(&stop),
-        Arc::clone(&allowed),
-    );
+    let load = Load::start(vec![cs[1].clone(), cs[2].clone()], "acme", "busy");
     // A deadline well above one settle interval: a 2-core shared machine is slow and noisy.
     let limit = Duration::from_secs(5);
 
@@ -254,11 +270,7 @@ async fn changes_on_one_node_reach_the_others_under_load() {
         })
         .await;
     }
-    stop.store(true, Ordering::Relaxed);
-    for h in load {
-        h.await.unwrap();
-    }
-    let total = allowed.load(Ordering::Relaxed);
+    let total = load.finish().await;
     let view = view_with_used(&cs[0], "acme", total, Duration::from_secs(10)).await;
     assert_conserved(&view);
     assert_eq!(view["mode"], "shared");
@@ -271,22 +283,10 @@ async fn a_killed_node_never_causes_overspend_and_its_leases_expire() {
     let cs = clients(&procs);
     let budget = 2_000;
     seed_budget(&cs[0], "acme", "ws", budget).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let allowed = Arc::new(AtomicU64::new(0));
-    let load = background_load(
-        cs.clone(),
-        "acme",
-        "ws",
-        Arc::clone(&stop),
-        Arc::clone(&allowed),
-    );
+    let load = Load::start(cs.clone(), "acme", "ws");
     // Let every node take leases, then kill one mid-load.
+    used_above(&cs[0], "acme", 100).await;
     let c0 = cs[0].clone();
-    within(Duration::from_secs(20), "load running", || {
-        let c0 = c0.clone();
-        async move { c0.org("acme").await["used"].as_u64().unwrap() > 100 }
-    })
-    .await;
     procs.remove(2).kill();
     // The survivors spend what is left, the dead node's leases included once they expire.
     within(
@@ -298,11 +298,7 @@ async fn a_killed_node_never_causes_overspend_and_its_leases_expire() {
         },
     )
     .await;
-    stop.store(true, Ordering::Relaxed);
-    for h in load {
-        h.await.unwrap();
-    }
-    let allowed = allowed.load(Ordering::Relaxed);
+    let allowed = load.finish().await;
     assert!(
         allowed <= budget,
         "overspend: {allowed} allowed of {budget}"
@@ -437,21 +433,9 @@ async fn a_redis_restart_mid_load_fails_no_settlement_after_one_retry() {
     let (procs, _dirs) = nodes(&redis.url(), 2, &[]).await;
     let cs = clients(&procs);
     seed_budget(&cs[0], "acme", "ws", 1_000_000).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let allowed = Arc::new(AtomicU64::new(0));
-    let load = background_load(
-        cs.clone(),
-        "acme",
-        "ws",
-        Arc::clone(&stop),
-        Arc::clone(&allowed),
-    );
+    let load = Load::start(cs.clone(), "acme", "ws");
+    used_above(&cs[0], "acme", 50).await;
     let c0 = cs[0].clone();
-    within(Duration::from_secs(20), "load running", || {
-        let c0 = c0.clone();
-        async move { c0.org("acme").await["used"].as_u64().unwrap() > 50 }
-    })
-    .await;
     // Restart on the same port, data kept (AOF), script cache empty.
     let batches_before = counter(
         &cs[0].get("/metrics").await.text,
@@ -498,11 +482,7 @@ async fn a_redis_restart_mid_load_fails_no_settlement_after_one_retry() {
         "creditd_settle_errors_total",
     );
     assert_eq!(after, errors, "settles failed after Redis came back");
-    stop.store(true, Ordering::Relaxed);
-    for h in load {
-        h.await.unwrap();
-    }
-    let total = allowed.load(Ordering::Relaxed);
+    let total = load.finish().await;
     let view = view_with_used(&cs[0], "acme", total, Duration::from_secs(20)).await;
     assert_conserved(&view);
 }
