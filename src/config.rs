@@ -500,6 +500,18 @@ mod tests {
     }
 
     #[test]
+    fn every_key_is_in_the_readme_table() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+        let text = std::fs::read_to_string(path).unwrap();
+        for (key, _) in KEYS {
+            assert!(
+                text.contains(&format!("| `{key}` |")),
+                "{key} missing from README's config table"
+            );
+        }
+    }
+
+    #[test]
     fn environment_overrides_and_durations_parse() {
         let c = Config::load(
             None,
