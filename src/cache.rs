@@ -32,6 +32,11 @@ pub struct Pool {
     others: AtomicU64,
     /// Recent spending rate, credits per second, to size leases (cluster policy).
     rate_per_s: AtomicU64,
+    /// The outage reserve: credits leased like the rest, but spent only when the lease is
+    /// short and the store cannot be asked (unreachable) or has nothing more. They belong to
+    /// the spender, so spending them can never overspend it: this is how a node keeps
+    /// answering, boundedly, while the store is down (`outage_reserve_credits`).
+    reserve: AtomicU64,
 }
 
 /// The outcome of taking credits from a lease. A refusal is not an error.
@@ -53,6 +58,7 @@ impl Pool {
             store_left: AtomicU64::new(STORE_LEFT_UNKNOWN),
             others: AtomicU64::new(0),
             rate_per_s: AtomicU64::new(0),
+            reserve: AtomicU64::new(0),
         }
     }
 
@@ -66,7 +72,62 @@ impl Pool {
 
     /// What this node knows the spender can still use.
     pub fn remaining(&self) -> u64 {
-        self.lease().saturating_add(self.beyond_lease())
+        self.lease()
+            .saturating_add(self.reserve())
+            .saturating_add(self.beyond_lease())
+    }
+
+    /// Credits of the outage reserve.
+    pub fn reserve(&self) -> u64 {
+        self.reserve.load(Ordering::Acquire)
+    }
+
+    /// Moves credits from the lease into the outage reserve until it holds `target`.
+    pub fn fill_reserve(&self, target: u64) {
+        let mut lease = self.lease.load(Ordering::Acquire);
+        loop {
+            let moved = target.saturating_sub(self.reserve()).min(lease);
+            if moved == 0 {
+                return;
+            }
+            match self.lease.compare_exchange_weak(
+                lease,
+                lease - moved,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    self.reserve.fetch_add(moved, Ordering::AcqRel);
+                    return;
+                }
+                Err(seen) => lease = seen,
+            }
+        }
+    }
+
+    /// Takes `amount` from the outage reserve, all or nothing; the remaining on success.
+    pub fn take_reserve(&self, amount: u64) -> Option<u64> {
+        let mut current = self.reserve.load(Ordering::Acquire);
+        loop {
+            if current < amount {
+                return None;
+            }
+            match self.reserve.compare_exchange_weak(
+                current,
+                current - amount,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    return Some(
+                        self.lease()
+                            .saturating_add(current - amount)
+                            .saturating_add(self.beyond_lease()),
+                    )
+                }
+                Err(seen) => current = seen,
+            }
+        }
     }
 
     /// What the spender has beyond this node's lease, as of the last settle: the store's
@@ -80,7 +141,7 @@ impl Pool {
 
     /// True when the store said it has nothing beyond the leases and this node's is empty.
     pub fn is_blocked(&self) -> bool {
-        self.is_exhausted() && self.lease() == 0
+        self.is_exhausted() && self.lease() == 0 && self.reserve() == 0
     }
 
     /// True when neither the store nor another node has anything left for the spender.
@@ -116,10 +177,15 @@ impl Pool {
         let mut current = self.lease.load(Ordering::Acquire);
         loop {
             if current < amount {
-                return if self.is_exhausted() {
-                    Take::Exhausted { remaining: current }
-                } else {
-                    Take::AskStore
+                if !self.is_exhausted() {
+                    return Take::AskStore;
+                }
+                // Nothing more anywhere: the reserve is the spender's last credits.
+                return match self.take_reserve(amount) {
+                    Some(remaining) => Take::Taken { remaining },
+                    None => Take::Exhausted {
+                        remaining: current.saturating_add(self.reserve()),
+                    },
                 };
             }
             match self.lease.compare_exchange_weak(
@@ -129,7 +195,7 @@ impl Pool {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    let left = self.beyond_lease();
+                    let left = self.beyond_lease().saturating_add(self.reserve());
                     return Take::Taken {
                         remaining: (current - amount).saturating_add(left),
                     };
@@ -147,7 +213,8 @@ impl Pool {
 
     /// Takes the whole lease, to give it back to the store.
     pub fn drain(&self) -> u64 {
-        self.lease.swap(0, Ordering::AcqRel)
+        let lease = self.lease.swap(0, Ordering::AcqRel);
+        lease.saturating_add(self.reserve.swap(0, Ordering::AcqRel))
     }
 
     /// Records what the store had left at the last settle.
@@ -198,17 +265,28 @@ impl Account {
     pub fn debit(&self, amount: u64, reserve: bool) -> Debit {
         match self.pool.take(amount) {
             Take::Taken { remaining } => {
-                let counter = if reserve {
-                    &self.reserved
-                } else {
-                    &self.consumed
-                };
-                counter.fetch_add(amount, Ordering::AcqRel);
+                self.count(amount, reserve);
                 Debit::Allowed { remaining }
             }
             Take::Exhausted { remaining } => Debit::Insufficient { remaining },
             Take::AskStore => Debit::AskStore,
         }
+    }
+
+    /// Debits from the outage reserve (the store cannot be asked); `None` if it cannot cover.
+    pub fn debit_from_reserve(&self, amount: u64, reserve: bool) -> Option<u64> {
+        let remaining = self.pool.take_reserve(amount)?;
+        self.count(amount, reserve);
+        Some(remaining)
+    }
+
+    fn count(&self, amount: u64, reserve: bool) {
+        let counter = if reserve {
+            &self.reserved
+        } else {
+            &self.consumed
+        };
+        counter.fetch_add(amount, Ordering::AcqRel);
     }
 
     /// Ends a reservation of `reserved` credits made on this account: `charged` is consumed,
@@ -407,6 +485,25 @@ mod tests {
             account(1, 0).debit(2, false),
             Debit::Insufficient { remaining: 1 }
         );
+    }
+
+    #[test]
+    fn the_outage_reserve_is_spent_last_and_returned_with_the_lease() {
+        let a = account(10, 0);
+        a.pool.fill_reserve(4);
+        assert_eq!((a.pool.lease(), a.pool.reserve()), (6, 4));
+        assert_eq!(a.debit(6, false), Debit::Allowed { remaining: 4 });
+        // Nothing more anywhere: the reserve pays, then the spender is blocked.
+        assert_eq!(a.debit(3, false), Debit::Allowed { remaining: 1 });
+        assert_eq!(a.debit(2, false), Debit::Insufficient { remaining: 1 });
+        assert_eq!(a.collect().unwrap().consumed, 9);
+        assert_eq!(a.pool.drain(), 1);
+        // The store may have more: the reserve is kept for when it cannot be asked.
+        let b = account(5, STORE_LEFT_UNKNOWN);
+        b.pool.fill_reserve(3);
+        assert_eq!(b.debit(3, false), Debit::AskStore);
+        assert_eq!(b.debit_from_reserve(3, false), Some(2));
+        assert_eq!(b.debit_from_reserve(1, false), None);
     }
 
     #[test]

@@ -37,6 +37,7 @@ pub const DEFAULT_SETTLE_BATCH_ORGS_MAX: usize = 256;
 pub const DEFAULT_LEASE_HORIZON: Duration = Duration::from_secs(2);
 pub const DEFAULT_LEASE_SHARE_MAX_PERCENT: u64 = 25;
 pub const DEFAULT_RECALL_WAIT_MAX: Duration = Duration::from_secs(2);
+pub const DEFAULT_OUTAGE_RESERVE_CREDITS: u64 = 0;
 pub const DEFAULT_REDIS_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// API.md: the connection limit is at least 1,024 by default.
@@ -90,6 +91,10 @@ pub struct Config {
     /// Cluster: a lease never takes more than this share (percent) of what the store has left
     /// for the spender, so a nearly empty balance is not stranded on one node.
     pub lease_share_max_percent: u64,
+    /// Credits per spender a node keeps leased aside, spent only when the store cannot be
+    /// asked (or has nothing more): how long a node keeps answering through a store outage.
+    /// 0 (the default) fails closed as soon as the lease runs out.
+    pub outage_reserve_credits: u64,
     /// Cluster: longest a control-plane change waits for other nodes to give leases back.
     #[serde(deserialize_with = "de_duration")]
     pub recall_wait_max: Duration,
@@ -146,6 +151,7 @@ impl Default for Config {
             lease_ttl: DEFAULT_LEASE_TTL,
             lease_horizon: DEFAULT_LEASE_HORIZON,
             lease_share_max_percent: DEFAULT_LEASE_SHARE_MAX_PERCENT,
+            outage_reserve_credits: DEFAULT_OUTAGE_RESERVE_CREDITS,
             recall_wait_max: DEFAULT_RECALL_WAIT_MAX,
             body_bytes_max: DEFAULT_BODY_BYTES_MAX,
             accounts_max: DEFAULT_ACCOUNTS_MAX,
@@ -189,6 +195,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("lease_ttl", Kind::Str),
     ("lease_horizon", Kind::Str),
     ("lease_share_max_percent", Kind::Int),
+    ("outage_reserve_credits", Kind::Int),
     ("recall_wait_max", Kind::Str),
     ("body_bytes_max", Kind::Int),
     ("accounts_max", Kind::Int),
@@ -373,6 +380,13 @@ impl Config {
         check(
             (1..=60_000).contains(&ms(self.recall_wait_max)),
             "recall_wait_max: must be from 1ms to 60s".into(),
+        );
+        check(
+            self.outage_reserve_credits <= crate::model::AMOUNT_MAX,
+            format!(
+                "outage_reserve_credits: must be at most {}",
+                crate::model::AMOUNT_MAX
+            ),
         );
         check(
             (1..=16 * 1024 * 1024).contains(&self.body_bytes_max),

@@ -21,6 +21,7 @@ pub const ADMIN_OPERATIONS: &str = "creditd_admin_operations_total";
 pub const HTTP_REQUESTS: &str = "creditd_http_requests_total";
 pub const CONNECTIONS_OPEN: &str = "creditd_connections_open";
 pub const READY: &str = "creditd_ready";
+pub const OUTAGE_DEBITS: &str = "creditd_outage_debits_total";
 pub const UNCLEAN_RESTARTS: &str = "creditd_unclean_restarts_total";
 pub const BUILD_INFO: &str = "creditd_build_info";
 
@@ -38,7 +39,8 @@ pub const LIMITS: [&str; 7] = [
 /// Counters that exist at 0 from the start. A counter first rendered at 1 looks unchanged to
 /// `rate()` and `increase()`: an unclean restart (counted during start-up) or a first settle
 /// error would never fire the alerts of docker/prometheus/alerts.yml.
-const COUNTERS_FROM_ZERO: [&str; 5] = [
+const COUNTERS_FROM_ZERO: [&str; 6] = [
+    OUTAGE_DEBITS,
     CREDITS_DEBITED,
     SETTLE_BATCHES,
     SETTLE_ERRORS,
@@ -136,7 +138,7 @@ fn describe() {
     );
     describe_gauge!(
         LEASED_CREDITS,
-        "Credits this node holds as leases, spendable without a store call"
+        "Credits this node holds as leases (its outage reserve included), spendable without a store call"
     );
     describe_gauge!(RESERVATIONS_OPEN, "Reservations open on this node");
     describe_counter!(
@@ -160,6 +162,10 @@ fn describe() {
     describe_gauge!(
         READY,
         "1 when the node answers debits (store reachable, state loaded), else 0"
+    );
+    describe_counter!(
+        OUTAGE_DEBITS,
+        "Debits allowed from the outage reserve because the store could not be asked"
     );
     describe_counter!(
         UNCLEAN_RESTARTS,

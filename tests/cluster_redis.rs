@@ -512,3 +512,64 @@ async fn three_nodes_on_a_three_master_redis_cluster_spend_exactly_the_budgets()
         assert_conserved(&view);
     }
 }
+
+/// Reads one metric (summed over its series) from a node.
+async fn metric_of(c: &Client, name: &str) -> f64 {
+    common::metric(&c.get("/metrics").await.text, name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_store_outage_the_reserve_answers_boundedly_then_503() {
+    let redis = RedisServer::start();
+    let (procs, _dirs) = nodes(
+        &redis.url(),
+        1,
+        &[
+            ("CREDITD_OUTAGE_RESERVE_CREDITS", "50"),
+            ("CREDITD_LEASE_WAIT_MAX", "300ms"),
+            ("CREDITD_REDIS_CALL_TIMEOUT", "200ms"),
+        ],
+    )
+    .await;
+    let c = procs[0].client.clone();
+    seed_budget(&c, "acme", "ws", 10_000).await;
+    assert_eq!(c.debit("acme", "ws", 10).await.status, 200);
+    let c1 = c.clone();
+    within(
+        Duration::from_secs(20),
+        "the outage reserve is leased",
+        || {
+            let c1 = c1.clone();
+            async move { metric_of(&c1, "creditd_leased_credits").await >= 50.0 }
+        },
+    )
+    .await;
+
+    redis.pause();
+    // The lease answers first, then the reserve, 10 credits at a time, then 503.
+    let mut allowed = 1u64;
+    let mut refused = None;
+    for _ in 0..2_000 {
+        let a = c.debit("acme", "ws", 10).await;
+        match a.status.as_u16() {
+            200 => allowed += 1,
+            _ => {
+                refused = Some(a);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("the node stops answering once lease and reserve are spent");
+    assert_eq!(refused.status, 503, "{}", refused.text);
+    assert_eq!(refused.error_code(), "store_unavailable");
+    assert_eq!(
+        metric_of(&c, "creditd_outage_debits_total").await,
+        5.0,
+        "exactly the reserve"
+    );
+
+    redis.resume();
+    // Everything allowed during the outage is settled once Redis is back: no overspend.
+    let view = view_with_used(&c, "acme", allowed * 10, Duration::from_secs(30)).await;
+    assert_conserved(&view);
+}

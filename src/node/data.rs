@@ -228,11 +228,29 @@ impl Node {
             return Ok((decision, account));
         }
         let wait = self.options.lease_wait_max;
-        tokio::time::timeout(wait, self.refill_and_take(org, ws, amount, reserve))
+        let asked = tokio::time::timeout(wait, self.refill_and_take(org, ws, amount, reserve))
             .await
-            .map_err(|_| {
-                NodeError::Unavailable(format!("lease wait exceeded {}ms", wait.as_millis()))
-            })?
+            .unwrap_or_else(|_| {
+                Err(NodeError::Unavailable(format!(
+                    "lease wait exceeded {}ms",
+                    wait.as_millis()
+                )))
+            });
+        match asked {
+            // The store cannot be asked: the outage reserve answers while it lasts (these
+            // credits are leased: spending them never overspends), then 503.
+            Err(NodeError::Unavailable(why)) => {
+                match account.debit_from_reserve(amount.get(), reserve) {
+                    Some(remaining) => {
+                        metrics::counter!(crate::metrics::OUTAGE_DEBITS).increment(1);
+                        tracing::debug!(org, ws, why, "debit from the outage reserve");
+                        Ok((Decision::Allowed { remaining }, account))
+                    }
+                    None => Err(NodeError::Unavailable(why)),
+                }
+            }
+            other => other,
+        }
     }
 
     /// Waits for the org's control-plane changes, then asks the store for a lease and tries

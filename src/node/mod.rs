@@ -74,6 +74,8 @@ pub struct NodeOptions {
     pub settle_batch_orgs_max: usize,
     /// Longest a control-plane change waits for other nodes to give leases back.
     pub recall_wait_max: Duration,
+    /// Credits per pool kept leased aside for store outages.
+    pub outage_reserve: u64,
     /// An org with nothing to report is still settled this often: the node's heartbeat, so
     /// that its leases do not expire while it lives.
     pub heartbeat_interval: Duration,
@@ -100,6 +102,7 @@ impl NodeOptions {
             reservation_ttl_max: config.reservation_ttl_max,
             settle_batch_orgs_max: config.settle_batch_orgs_max,
             recall_wait_max: config.recall_wait_max,
+            outage_reserve: config.outage_reserve_credits,
             heartbeat_interval: config.lease_ttl / 3,
         }
     }

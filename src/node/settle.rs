@@ -184,12 +184,14 @@ impl Node {
                         continue;
                     }
                     let target = self.lease_target(pool);
-                    // Refill ahead: top up below half the target, before the lease runs out.
-                    if pool.lease() < target / 2 + 1 {
-                        want.push((
-                            pool.spender.clone(),
-                            target.saturating_sub(pool.lease()).max(1),
-                        ));
+                    let short_reserve = self.options.outage_reserve.saturating_sub(pool.reserve());
+                    // Refill ahead: top up below half the target, before the lease runs out;
+                    // and fill the outage reserve.
+                    if pool.lease() < target / 2 + 1 || short_reserve > 0 {
+                        let wanted = target
+                            .saturating_sub(pool.lease())
+                            .saturating_add(short_reserve);
+                        want.push((pool.spender.clone(), wanted.max(1)));
                     }
                 }
             }
@@ -277,6 +279,12 @@ impl Node {
                 }
             }
         }
+        // The outage reserve is filled first from what was granted (and from the lease).
+        if self.options.outage_reserve > 0 {
+            for pool in &state.pools {
+                pool.fill_reserve(self.options.outage_reserve);
+            }
+        }
         let mine = record.nodes.get(&self.node_id);
         for pool in &state.pools {
             let left = if record.spender_of(&pool.spender) == Some(&pool.spender) {
@@ -343,7 +351,9 @@ impl Node {
         for slot in self.orgs.iter() {
             let state = slot.current();
             for pool in &state.pools {
-                leased = leased.saturating_add(pool.lease());
+                leased = leased
+                    .saturating_add(pool.lease())
+                    .saturating_add(pool.reserve());
                 blocked += pool.is_blocked() as u64;
             }
             for account in &state.accounts {
