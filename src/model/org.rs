@@ -92,6 +92,11 @@ pub struct NodeShare {
     pub leases: BTreeMap<WorkspaceId, u64>,
     /// Credits held by the node's open reservations, by workspace.
     pub held: BTreeMap<WorkspaceId, u64>,
+    /// The same credits by the spender whose lease they came from: where they go back if the
+    /// node's life ends (a reservation can outlive a mode switch, so the workspace alone does
+    /// not say). The two maps always add up to the same total.
+    #[serde(default)]
+    pub held_from: BTreeMap<WorkspaceId, u64>,
     /// The node's life: a restarted node takes a higher epoch.
     pub epoch: u64,
     /// Sequence number of the last batch applied in this epoch.
@@ -104,7 +109,9 @@ pub struct NodeShare {
 
 impl NodeShare {
     fn is_empty(&self) -> bool {
-        self.leases.values().all(|&v| v == 0) && self.held.values().all(|&v| v == 0)
+        self.leases.values().all(|&v| v == 0)
+            && self.held.values().all(|&v| v == 0)
+            && self.held_from.values().all(|&v| v == 0)
     }
 }
 
@@ -557,12 +564,16 @@ impl OrgRecord {
             *lease = add(*lease, line.released)?;
             let held = share.held.entry(line.workspace.clone()).or_default();
             *held = add(*held, line.reserved)?;
+            let from = share.held_from.entry(line.spender.clone()).or_default();
+            *from = add(*from, line.reserved)?;
         }
         for line in &batch.lines {
             let lease = share.leases.entry(line.spender.clone()).or_default();
             *lease = sub(*lease, add(line.consumed, line.reserved)?, "lease")?;
             let held = share.held.entry(line.workspace.clone()).or_default();
             *held = sub(*held, add(line.committed, line.released)?, "held")?;
+            let from = share.held_from.entry(line.spender.clone()).or_default();
+            *from = sub(*from, add(line.committed, line.released)?, "held")?;
             let used = add(line.consumed, line.committed)?;
             if used > 0 {
                 match next.workspaces.get_mut(&line.workspace) {
@@ -603,6 +614,7 @@ impl OrgRecord {
         }
         share.leases.retain(|_, v| *v > 0);
         share.held.retain(|_, v| *v > 0);
+        share.held_from.retain(|_, v| *v > 0);
         share.last_grants = grants.clone();
         next.nodes.insert(batch.node.clone(), share);
         debug_assert!(next.is_conserved(), "settle broke conservation: {next:?}");
@@ -629,25 +641,26 @@ impl OrgRecord {
         };
         let mut next = self.clone();
         let mut events = Vec::new();
-        // Reservations were taken from their spender's lease; give them back to it first.
+        // Reservations were taken from their spender's lease: given back, they go where the
+        // lease goes. Counted as consumed, they are the workspace's usage.
         let mut returns: BTreeMap<WorkspaceId, u64> = share.leases.clone();
-        for (ws, held) in &share.held {
-            match prior_life {
-                PriorLife::ReturnToBalance => {
-                    let home = next.home_of(ws);
-                    *returns.entry(home).or_default() += held;
+        if prior_life == PriorLife::ReturnToBalance {
+            for (spender, held) in &share.held_from {
+                let r = returns.entry(spender.clone()).or_default();
+                *r = add(*r, *held)?;
+            }
+        }
+        if prior_life == PriorLife::CountAsConsumed {
+            for (ws, held) in &share.held {
+                match next.workspaces.get_mut(ws) {
+                    Some(w) => w.used = add(w.used, *held)?,
+                    None => next.used_deleted = add(next.used_deleted, *held)?,
                 }
-                PriorLife::CountAsConsumed => {
-                    match next.workspaces.get_mut(ws) {
-                        Some(w) => w.used = add(w.used, *held)?,
-                        None => next.used_deleted = add(next.used_deleted, *held)?,
-                    }
-                    events.push(LedgerEvent::LeaseExpired {
-                        node: node.clone(),
-                        workspace: ws.clone(),
-                        amount: *held,
-                    });
-                }
+                events.push(LedgerEvent::LeaseExpired {
+                    node: node.clone(),
+                    workspace: ws.clone(),
+                    amount: *held,
+                });
             }
         }
         for (spender, amount) in returns.into_iter().filter(|(_, a)| *a > 0) {
@@ -678,6 +691,7 @@ impl OrgRecord {
         if let Some(s) = next.nodes.get_mut(node) {
             s.leases.clear();
             s.held.clear();
+            s.held_from.clear();
         }
         debug_assert!(
             next.is_conserved(),
@@ -756,7 +770,11 @@ impl OrgRecord {
                     .sum::<u128>()
             })
             .sum();
-        self.purchased as u128 == balances + used + nodes
+        let held_agrees = self.nodes.values().all(|n| {
+            n.held.values().map(|&v| v as u128).sum::<u128>()
+                == n.held_from.values().map(|&v| v as u128).sum::<u128>()
+        });
+        held_agrees && self.purchased as u128 == balances + used + nodes
     }
 
     /// The org as the API shows it.

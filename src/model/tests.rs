@@ -66,7 +66,7 @@ fn held(r: &OrgRecord, n: &str, workspace: &str) -> u64 {
 
 fn holds_nothing(r: &OrgRecord, n: &str) -> bool {
     let share = &r.nodes[&node(n)];
-    share.leases.is_empty() && share.held.is_empty()
+    share.leases.is_empty() && share.held.is_empty() && share.held_from.is_empty()
 }
 
 fn batch(n: &str, epoch: u64, seq: u64) -> SettleBatch {
@@ -444,6 +444,28 @@ fn rule6_shared_to_budget_waits_for_the_pool_leases() {
     settle(&mut r, &release(batch("n1", 1, 2), PRIMARY, 40));
     r.set_mode(Mode::Budget).unwrap();
     assert_eq!((balance(&r, PRIMARY), balance(&r, "ws-a")), (1_000, 0));
+    assert_conserved(&r);
+}
+
+#[test]
+fn a_reservation_open_across_a_mode_switch_returns_to_the_lease_it_came_from() {
+    // Shared mode: ws-a reserves 30 from the Primary's pool; the org switches to budget; the
+    // node's life then ends without a clean stop.
+    let mut r = org(Mode::Shared);
+    r.purchase(amt(100)).unwrap();
+    r.create_workspace(ws("ws-a")).unwrap();
+    settle(&mut r, &want(batch("n1", 1, 1), PRIMARY, 30));
+    settle(
+        &mut r,
+        &line(batch("n1", 1, 2), "ws-a", PRIMARY, [0, 30, 0, 0]),
+    );
+    r.set_mode(Mode::Budget).unwrap();
+    assert_eq!(held(&r, "n1", "ws-a"), 30);
+    r.close_node(&node("n1"), PriorLife::ReturnToBalance)
+        .unwrap();
+    // The 30 go back to the Primary, whose pool they came from: ws-a was never given any.
+    assert_eq!((balance(&r, PRIMARY), balance(&r, "ws-a")), (100, 0));
+    assert!(holds_nothing(&r, "n1"));
     assert_conserved(&r);
 }
 

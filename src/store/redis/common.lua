@@ -135,7 +135,7 @@ end
 -- The whole state of an org, read into tables, or nil if the org does not exist.
 --   st.ws[name]      = { balance =, used = }
 --   st.nodes[id]     = { epoch =, seq =, seen =, grants = {{ws, n}, ...}, leases = {ws = n},
---                        held = {ws = n} }
+--                        held = {ws = n}, held_from = {spender = n} }
 -- The work is one HGETALL per key: O(workspaces + nodes + their leases and reservations).
 local function load_state(prefix)
   local meta = hgetall_map(prefix .. 'meta')
@@ -179,13 +179,16 @@ local function load_state(prefix)
       grants = {},
       leases = {},
       held = {},
+      held_from = {},
     }
     for field, value in pairs(h) do
-      local kind, ws = string.match(field, '^([lh]):(.+)$')
+      local kind, ws = string.match(field, '^([lhf]):(.+)$')
       if kind == 'l' then
         share.leases[ws] = counter(value, 'lease of node ' .. id)
       elseif kind == 'h' then
         share.held[ws] = counter(value, 'held of node ' .. id)
+      elseif kind == 'f' then
+        share.held_from[ws] = counter(value, 'held_from of node ' .. id)
       end
     end
     local g = h.grants or ''
@@ -209,9 +212,18 @@ local function check_conserved(st)
     for _, n in pairs(share.leases) do
       total = total + n
     end
+    local held, from = 0, 0
     for _, n in pairs(share.held) do
-      total = total + n
+      held = held + n
     end
+    for _, n in pairs(share.held_from) do
+      from = from + n
+    end
+    if held ~= from then
+      refuse('corrupt', 'org ' .. st.org .. ': held by workspace ' .. fmt(held)
+        .. ' but by spender ' .. fmt(from))
+    end
+    total = total + held
   end
   if total ~= st.purchased then
     refuse('corrupt', 'org ' .. st.org .. ' is not conserved: purchased ' .. fmt(st.purchased)
@@ -223,7 +235,8 @@ end
 --   'org', org, mode, primary, purchased, used_deleted, version,
 --   #ws, then per workspace: name, balance, used,
 --   #nodes, then per node: id, epoch, seq, seen_ms,
---     #leases, (spender, n)..., #held, (ws, n)..., #grants, (spender, n)... (grants in order)
+--     #leases, (spender, n)..., #held, (ws, n)..., #held_from, (spender, n)...,
+--     #grants, (spender, n)... (grants in order)
 -- Maps come out in no particular order: the reader builds ordered maps, and sorting here would
 -- cost more than everything else the script does for an org with many workspaces.
 local function state_tokens(st, out)
@@ -247,7 +260,7 @@ local function state_tokens(st, out)
   push(tostring(count(st.nodes)))
   for id, s in pairs(st.nodes) do
     push(id); push(fmt(s.epoch)); push(fmt(s.seq)); push(fmt(s.seen))
-    for _, map in ipairs({ s.leases, s.held }) do
+    for _, map in ipairs({ s.leases, s.held, s.held_from }) do
       push(tostring(count(map)))
       for ws, n in pairs(map) do
         push(ws); push(fmt(n))
@@ -316,6 +329,11 @@ local function save(st, events, at_ms)
     for ws, n in pairs(s.held) do
       if n > 0 then
         fields[#fields + 1] = 'h:' .. ws; fields[#fields + 1] = fmt(n)
+      end
+    end
+    for spender, n in pairs(s.held_from) do
+      if n > 0 then
+        fields[#fields + 1] = 'f:' .. spender; fields[#fields + 1] = fmt(n)
       end
     end
     redis.call('DEL', key)
@@ -428,6 +446,9 @@ local function is_empty(share)
   for _, n in pairs(share.held) do
     if n ~= 0 then return false end
   end
+  for _, n in pairs(share.held_from) do
+    if n ~= 0 then return false end
+  end
   return true
 end
 
@@ -452,6 +473,7 @@ local function close_node(st, id, events)
   end
   share.leases = {}
   share.held = {}
+  share.held_from = {}
   st.dirty_nodes[id] = true
   st.changed = true
 end

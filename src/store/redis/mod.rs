@@ -13,7 +13,7 @@
 //! | `creditd:{org}:bal` | hash | workspace → balance no node has leased |
 //! | `creditd:{org}:used` | hash | workspace → credits consumed |
 //! | `creditd:{org}:nodes` | set | nodes that ever settled the org |
-//! | `creditd:{org}:node:<node>` | hash | `epoch`, `seq`, `seen_ms`, `grants` (last batch's, for retries), `l:<spender>` lease, `h:<workspace>` held |
+//! | `creditd:{org}:node:<node>` | hash | `epoch`, `seq`, `seen_ms`, `grants` (last batch's, for retries), `l:<spender>` lease, `h:<workspace>` held, `f:<spender>` held by the lease it came from |
 //! | `creditd:{org}:ledger` | list | JSON ledger entries; the i-th (1-based) has `seq` i |
 //! | `creditd:{org}:idem` | sorted set | remembered idempotency keys, scored by expiry (ms) |
 //! | `creditd:{org}:idem:<scope>:<key>` | hash, `PX` TTL | fingerprint, outcome (`returned`, state) |

@@ -106,19 +106,21 @@ impl<'a> Tokens<'a> {
             workspaces.insert(ws, WorkspaceRecord { balance, used });
         }
         let mut nodes = BTreeMap::new();
-        for _ in 0..self.count(7)? {
+        for _ in 0..self.count(8)? {
             let node = self.node()?;
             let epoch = self.u64()?;
             let seq = self.u64()?;
             let seen_ms = self.u64()?;
             let leases = self.map()?;
             let held = self.map()?;
+            let held_from = self.map()?;
             let last_grants = self.pairs()?;
             nodes.insert(
                 node,
                 NodeShare {
                     leases,
                     held,
+                    held_from,
                     epoch,
                     seq,
                     last_grants,
@@ -209,7 +211,7 @@ mod tests {
     fn a_state_reads_back_into_a_conserved_record() {
         let org = OrgId::parse("acme", "org").unwrap();
         let tokens = strings(
-            "org acme budget primary 100 5 7 2 a 10 0 primary 60 20 1 n1 3 9 1234 1 a 5 0 1 a 5",
+            "org acme budget primary 100 5 7 2 a 10 0 primary 60 20 1 n1 3 9 1234 1 a 5 0 0 1 a 5",
         );
         let record = Tokens::new(&tokens, "test").record(&org).unwrap();
         assert_eq!(record.version, 7);

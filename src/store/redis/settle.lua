@@ -109,7 +109,7 @@ return run(function()
     close_node(st, node, events)
   end
   if share == nil then
-    share = { epoch = 0, seq = 0, seen = 0, grants = {}, leases = {}, held = {} }
+    share = { epoch = 0, seq = 0, seen = 0, grants = {}, leases = {}, held = {}, held_from = {} }
     st.nodes[node] = share
   end
   share.epoch = epoch
@@ -122,11 +122,13 @@ return run(function()
   for _, l in ipairs(lines) do
     local lease = (share.leases[l.spender] or 0) + l.released
     local held = (share.held[l.ws] or 0) + l.reserved
-    if lease > CAP or held > CAP then
+    local from = (share.held_from[l.spender] or 0) + l.reserved
+    if lease > CAP or held > CAP or from > CAP then
       refuse('batch_refused', 'a lease or reservation would exceed 2^53-1')
     end
     share.leases[l.spender] = lease
     share.held[l.ws] = held
+    share.held_from[l.spender] = from
   end
   for _, l in ipairs(lines) do
     -- Subtract one amount at a time: each step is exact, and a negative result keeps its sign.
@@ -136,10 +138,12 @@ return run(function()
     end
     share.leases[l.spender] = lease
     local held = share.held[l.ws] - l.committed - l.released
-    if held < 0 then
+    local from = share.held_from[l.spender] - l.committed - l.released
+    if held < 0 or from < 0 then
       refuse('batch_refused', 'held would go negative')
     end
     share.held[l.ws] = held
+    share.held_from[l.spender] = from
     local used = l.consumed + l.committed
     if used > 0 then
       add_used(st, l.ws, used)
@@ -176,6 +180,9 @@ return run(function()
   end
   for k, n in pairs(share.held) do
     if n <= 0 then share.held[k] = nil end
+  end
+  for k, n in pairs(share.held_from) do
+    if n <= 0 then share.held_from[k] = nil end
   end
   share.grants = grants
 
