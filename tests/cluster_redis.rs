@@ -422,13 +422,6 @@ async fn a_settle_whose_reply_is_lost_is_applied_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_mid_load_fails_no_settlement_after_one_retry() {
-    let counter = |text: &str, name: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
     let mut redis = RedisServer::start_persistent();
     let (procs, _dirs) = nodes(&redis.url(), 2, &[]).await;
     let cs = clients(&procs);
@@ -437,22 +430,14 @@ async fn a_redis_restart_mid_load_fails_no_settlement_after_one_retry() {
     used_above(&cs[0], "acme", 50).await;
     let c0 = cs[0].clone();
     // Restart on the same port, data kept (AOF), script cache empty.
-    let batches_before = counter(
-        &cs[0].get("/metrics").await.text,
-        "creditd_settle_batches_total",
-    );
+    let batches_before = metric_of(&cs[0], "creditd_settle_batches_total").await;
     redis.restart();
     within(
         Duration::from_secs(30),
         "a settle succeeds after the restart",
         || {
             let c0 = c0.clone();
-            async move {
-                counter(
-                    &c0.get("/metrics").await.text,
-                    "creditd_settle_batches_total",
-                ) > batches_before
-            }
+            async move { metric_of(&c0, "creditd_settle_batches_total").await > batches_before }
         },
     )
     .await;
@@ -460,27 +445,19 @@ async fn a_redis_restart_mid_load_fails_no_settlement_after_one_retry() {
     // running it again within the same call): the error counter may move during the outage,
     // never after.
     let metrics = cs[0].get("/metrics").await.text;
-    let errors = counter(&metrics, "creditd_settle_errors_total");
-    let batches = counter(&metrics, "creditd_settle_batches_total");
+    let errors = common::metric(&metrics, "creditd_settle_errors_total");
+    let batches = common::metric(&metrics, "creditd_settle_batches_total");
     let c0 = cs[0].clone();
     within(
         Duration::from_secs(30),
         "ten more settle batches under load",
         || {
             let c0 = c0.clone();
-            async move {
-                counter(
-                    &c0.get("/metrics").await.text,
-                    "creditd_settle_batches_total",
-                ) >= batches + 10.0
-            }
+            async move { metric_of(&c0, "creditd_settle_batches_total").await >= batches + 10.0 }
         },
     )
     .await;
-    let after = counter(
-        &cs[0].get("/metrics").await.text,
-        "creditd_settle_errors_total",
-    );
+    let after = metric_of(&cs[0], "creditd_settle_errors_total").await;
     assert_eq!(after, errors, "settles failed after Redis came back");
     let total = load.finish().await;
     let view = view_with_used(&cs[0], "acme", total, Duration::from_secs(20)).await;
