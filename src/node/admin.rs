@@ -186,30 +186,27 @@ impl Node {
     pub(crate) async fn announce_recall<'a>(&self, slot: &'a OrgSlot) -> RecallGuard<'a> {
         slot.recalling
             .store(true, std::sync::atomic::Ordering::Release);
-        m::store_call("announce");
-        if let Err(e) = self
-            .store
-            .announce(&Notice::Recall {
-                org: slot.org.clone(),
-            })
-            .await
-        {
-            tracing::warn!(org = %slot.org, error = %e, "recall notice failed");
-        }
+        self.announce(Notice::Recall {
+            org: slot.org.clone(),
+        })
+        .await;
         RecallGuard(slot)
     }
 
     /// Tells the other nodes that this node's recall is over, so they lease again.
     pub(crate) async fn announce_resume(&self, slot: &OrgSlot) {
+        self.announce(Notice::Resume {
+            org: slot.org.clone(),
+        })
+        .await;
+    }
+
+    /// Publishes a notice, best effort: a lost one only slows the others down (the change
+    /// epoch, or `recall_wait_max`, bounds what it costs).
+    async fn announce(&self, notice: Notice) {
         m::store_call("announce");
-        if let Err(e) = self
-            .store
-            .announce(&Notice::Resume {
-                org: slot.org.clone(),
-            })
-            .await
-        {
-            tracing::warn!(org = %slot.org, error = %e, "resume notice failed");
+        if let Err(e) = self.store.announce(&notice).await {
+            tracing::warn!(?notice, error = %e, "notice not published");
         }
     }
 
