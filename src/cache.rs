@@ -16,6 +16,19 @@ use crate::model::{OrgId, UsageLine, WorkspaceId};
 /// `store_left` before the store has been asked: unknown, so a refusal must ask it.
 pub const STORE_LEFT_UNKNOWN: u64 = u64::MAX;
 
+/// A lease term that never ends (one node, the embedded store: nobody else can expire it).
+pub const TERM_FOREVER: u64 = u64::MAX;
+
+/// Milliseconds on this process's monotonic clock (tokio's, so that a simulation controls it):
+/// lease terms are measured on it.
+pub fn clock_ms() -> u64 {
+    static BASE: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(tokio::time::Instant::now);
+    tokio::time::Instant::now()
+        .saturating_duration_since(base)
+        .as_millis() as u64
+}
+
 /// One spender's lease on this node.
 #[derive(Debug)]
 pub struct Pool {
@@ -37,6 +50,12 @@ pub struct Pool {
     /// the spender, so spending them can never overspend it: this is how a node keeps
     /// answering, boundedly, while the store is down (`outage_reserve_credits`).
     reserve: AtomicU64,
+    /// End of the lease term ([`clock_ms`]): after it the node spends nothing from this pool
+    /// until a settle renews the term. A node that was silent (paused, partitioned) could have
+    /// had its lease expired by the store and an org change applied meanwhile; the term ends
+    /// before the store may expire it, so the node never spends a lease across a change it
+    /// has not seen. [`TERM_FOREVER`] on one node.
+    valid_until: AtomicU64,
 }
 
 /// The outcome of taking credits from a lease. A refusal is not an error.
@@ -59,7 +78,20 @@ impl Pool {
             others: AtomicU64::new(0),
             rate_per_s: AtomicU64::new(0),
             reserve: AtomicU64::new(0),
+            valid_until: AtomicU64::new(TERM_FOREVER),
         }
+    }
+
+    /// Sets the end of the lease term ([`clock_ms`], or [`TERM_FOREVER`]).
+    pub fn set_valid_until(&self, until_ms: u64) {
+        self.valid_until.store(until_ms, Ordering::Release);
+    }
+
+    /// True while the lease term lasts: the pool may be spent from memory.
+    #[inline]
+    pub fn in_term(&self) -> bool {
+        let until = self.valid_until.load(Ordering::Acquire);
+        until == TERM_FOREVER || clock_ms() <= until
     }
 
     pub fn lease(&self) -> u64 {
@@ -105,8 +137,12 @@ impl Pool {
         }
     }
 
-    /// Takes `amount` from the outage reserve, all or nothing; the remaining on success.
+    /// Takes `amount` from the outage reserve, all or nothing; the remaining on success. Not
+    /// after the lease term: the store may have closed the reserve with the lease.
     pub fn take_reserve(&self, amount: u64) -> Option<u64> {
+        if !self.in_term() {
+            return None;
+        }
         let mut current = self.reserve.load(Ordering::Acquire);
         loop {
             if current < amount {
@@ -172,8 +208,12 @@ impl Pool {
             .store(((old + now) / 2.0).ceil() as u64, Ordering::Relaxed);
     }
 
-    /// Takes `amount` from the lease, all or nothing: one CAS loop, no lock.
+    /// Takes `amount` from the lease, all or nothing: one CAS loop, no lock. After the lease
+    /// term the store must be asked first.
     pub fn take(&self, amount: u64) -> Take {
+        if !self.in_term() {
+            return Take::AskStore;
+        }
         let mut current = self.lease.load(Ordering::Acquire);
         loop {
             if current < amount {

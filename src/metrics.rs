@@ -24,6 +24,9 @@ pub const READY: &str = "creditd_ready";
 pub const OUTAGE_DEBITS: &str = "creditd_outage_debits_total";
 pub const UNCLEAN_RESTARTS: &str = "creditd_unclean_restarts_total";
 pub const BUILD_INFO: &str = "creditd_build_info";
+pub const LEASES_FORFEITED: &str = "creditd_leases_forfeited_total";
+pub const USAGE_UNBACKED: &str = "creditd_usage_unbacked_credits_total";
+pub const STORE_REGRESSIONS: &str = "creditd_store_regressions_total";
 
 /// Every value of [`LIMIT_HITS`]'s `limit` label (the README's metrics table lists them too).
 pub const LIMITS: [&str; 7] = [
@@ -39,13 +42,16 @@ pub const LIMITS: [&str; 7] = [
 /// Counters that exist at 0 from the start. A counter first rendered at 1 looks unchanged to
 /// `rate()` and `increase()`: an unclean restart (counted during start-up) or a first settle
 /// error would never fire the alerts of docker/prometheus/alerts.yml.
-const COUNTERS_FROM_ZERO: [&str; 6] = [
+const COUNTERS_FROM_ZERO: [&str; 9] = [
     OUTAGE_DEBITS,
     CREDITS_DEBITED,
     SETTLE_BATCHES,
     SETTLE_ERRORS,
     RESERVATIONS_EXPIRED,
     UNCLEAN_RESTARTS,
+    LEASES_FORFEITED,
+    USAGE_UNBACKED,
+    STORE_REGRESSIONS,
 ];
 
 /// Hot-path latency buckets: the handler answers in microseconds, so most buckets are below a
@@ -170,6 +176,18 @@ fn describe() {
     describe_counter!(
         UNCLEAN_RESTARTS,
         "Starts that found the previous life of this node had not stopped cleanly"
+    );
+    describe_counter!(
+        LEASES_FORFEITED,
+        "Credits this node dropped from memory because the store had closed its leases (it was silent past lease_ttl) or forgot them"
+    );
+    describe_counter!(
+        USAGE_UNBACKED,
+        "Credits of usage this node reported that no lease of its own backed in the store (already counted as lease_expired): recorded, not charged again"
+    );
+    describe_counter!(
+        STORE_REGRESSIONS,
+        "Times the store answered with an older state than it had acknowledged (writes lost in a failover or a restart from older data); the node then starts a new life"
     );
     describe_gauge!(
         BUILD_INFO,

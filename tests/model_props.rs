@@ -480,6 +480,8 @@ impl Sim {
             node: node.id.clone(),
             epoch: node.epoch,
             seq: node.seq,
+            // The simulated node follows every change at once.
+            version: self.rec.version,
             lines,
             release,
             want: wants,
@@ -491,6 +493,10 @@ impl Sim {
             .settle(&batch, self.now_ms, prior)
             .unwrap_or_else(|e| panic!("a faithful node's batch was refused: {e}: {batch:?}"));
         assert!(reply.applied);
+        assert_eq!(
+            reply.unbacked, 0,
+            "a faithful node's usage is backed: {batch:?}"
+        );
         assert_eq!(reply.version, self.rec.version);
         self.account(&events);
         if let Some((p, lost)) = unclosed {

@@ -85,10 +85,19 @@ impl Batch {
             node: node(n),
             epoch,
             seq,
+            // 0: the org's version when the batch is sent (`current`), as a node that follows
+            // every change sends it.
+            version: 0,
             lines: Vec::new(),
             release: Vec::new(),
             want: Vec::new(),
         })
+    }
+
+    /// Ties the batch to version `v` of the org (an older one is granted nothing).
+    fn version(mut self, v: u64) -> Self {
+        self.0.version = v;
+        self
     }
 
     /// A usage line: [consumed, reserved, committed, released].
@@ -113,6 +122,17 @@ impl Batch {
         self.0.want.push((ws(spender), n));
         self
     }
+}
+
+/// The batch as sent: version 0 becomes the org's version on `store` now.
+async fn current(store: &dyn Store, o: &str, b: &Batch) -> SettleBatch {
+    let mut batch = b.0.clone();
+    if batch.version == 0 {
+        if let Ok(Some(record)) = store.load_org(&org(o)).await {
+            batch.version = record.version;
+        }
+    }
+    batch
 }
 
 fn embedded_with(keys_max: usize) -> (tempfile::TempDir, EmbeddedStore) {
@@ -209,8 +229,11 @@ impl<'a> Run<'a> {
     }
 
     async fn settle(&mut self, batches: &[(&str, &Batch)]) {
-        let batches: Vec<(OrgId, SettleBatch)> =
-            batches.iter().map(|(o, b)| (org(o), b.0.clone())).collect();
+        let mut sent = Vec::new();
+        for (o, b) in batches {
+            sent.push((org(o), current(self.store, o, b).await));
+        }
+        let batches = sent;
         let r = self.store.settle(&batches).await;
         for (reply, record) in r.iter().flatten() {
             assert!(record.is_conserved(), "{record:?}");
@@ -541,7 +564,7 @@ async fn settle_one(
     b: &Batch,
 ) -> Result<(SettleReply, OrgRecord), StoreError> {
     store
-        .settle(&[(org(o), b.0.clone())])
+        .settle(&[(org(o), current(store, o, b).await)])
         .await
         .pop()
         .expect("one answer per batch")
@@ -569,7 +592,12 @@ async fn a_redis_cluster_gives_the_same_answers() {
     assert_ne!(slot("acme"), slot("zeta"));
     // Notices work in a cluster too (classic pub/sub reaches the subscribers of every master).
     let mut rx = store.subscribe().expect("the redis store has notices");
-    let recall = Notice::Recall { org: org("acme") };
+    let recall = Notice::Recall {
+        org: org("acme"),
+        from: Some(node("n1")),
+        id: 1,
+        cancel: None,
+    };
     let started = Instant::now();
     'heard: loop {
         store.announce(&recall).await.expect("announce");
@@ -1207,7 +1235,12 @@ async fn notices_reach_subscribers_and_survive_a_restart() {
     let mut server = RedisServer::start();
     let store = redis_store(redis_options(&server.url())).await;
     let mut rx = store.subscribe().expect("the redis store has notices");
-    let recall = Notice::Recall { org: org("acme") };
+    let recall = Notice::Recall {
+        org: org("acme"),
+        from: Some(node("n1")),
+        id: 1,
+        cancel: None,
+    };
     // The subscription starts in the background: announce until it is heard.
     let heard = |rx: &mut tokio::sync::broadcast::Receiver<Notice>, wanted: &Notice| {
         let mut hit = false;

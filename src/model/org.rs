@@ -105,6 +105,14 @@ pub struct NodeShare {
     pub last_grants: Vec<(WorkspaceId, u64)>,
     /// Store time (ms) of the node's last settle: its heartbeat for lease expiry.
     pub seen_ms: u64,
+    /// True when an expiry closed this node's holdings (counted as consumed) since its last
+    /// applied batch: the next reply tells the node, which then forfeits what it still holds
+    /// in memory (it is paid for already).
+    #[serde(default)]
+    pub expired: bool,
+    /// What the reply to the last applied batch said of `expired`, answered again on a retry.
+    #[serde(default)]
+    pub last_expired: bool,
 }
 
 impl NodeShare {
@@ -180,6 +188,14 @@ pub enum LedgerEvent {
         workspace: WorkspaceId,
         amount: u64,
     },
+    /// Usage a node reported that no lease or reservation of its own backed in the store: it
+    /// was spent from credits already counted as consumed when the node's lease expired (or
+    /// granted by writes the store lost). Recorded, never charged twice.
+    UsageUnbacked {
+        node: NodeId,
+        workspace: WorkspaceId,
+        amount: u64,
+    },
 }
 
 /// What one node reports for one workspace since its last batch. All fields are increments.
@@ -204,6 +220,10 @@ pub struct SettleBatch {
     pub node: NodeId,
     pub epoch: u64,
     pub seq: u64,
+    /// The org version the node's view (its accounts and leases) was built from. The store
+    /// grants leases only to a batch of the current version: a node that has not applied a
+    /// change yet is granted nothing and learns the new version from the reply.
+    pub version: u64,
     pub lines: Vec<UsageLine>,
     /// Unspent lease given back, by spender.
     pub release: Vec<(WorkspaceId, u64)>,
@@ -227,6 +247,15 @@ pub struct SettleReply {
     pub grants: Vec<(WorkspaceId, u64)>,
     /// The org's change epoch after the batch.
     pub version: u64,
+    /// True when an expiry closed the node's holdings since its previous batch: they were
+    /// counted as consumed, and the node must forfeit what it still holds in memory.
+    pub expired: bool,
+    /// Usage in the batch that nothing the node holds in the store backed (recorded as
+    /// `usage_unbacked`, not charged again); 0 for a retry.
+    pub unbacked: u64,
+    /// The sequence number the store had for the node's life before this batch (0 for a new
+    /// life). Lower than what the node knows was acknowledged: the store forgot writes.
+    pub prev_seq: u64,
 }
 
 /// What happens to what a node held when its life ends without a clean stop.
@@ -326,6 +355,11 @@ impl OrgRecord {
     /// Credits of `ws` leased to all nodes.
     pub fn leased(&self, ws: &WorkspaceId) -> u64 {
         self.nodes.values().filter_map(|n| n.leases.get(ws)).sum()
+    }
+
+    /// Credits of `ws` held by open reservations on all nodes.
+    pub fn held(&self, ws: &WorkspaceId) -> u64 {
+        self.nodes.values().filter_map(|n| n.held.get(ws)).sum()
     }
 
     fn ws_mut(&mut self, ws: &WorkspaceId) -> Result<&mut WorkspaceRecord, RuleError> {
@@ -430,7 +464,10 @@ impl OrgRecord {
             .workspaces
             .get(ws)
             .ok_or_else(|| RuleError::UnknownWorkspace(ws.clone()))?;
-        let leased = self.leased(ws);
+        // Credits of the workspace held by nodes, leased or reserved, must be back first: a
+        // reservation committed after the deletion would otherwise charge a workspace of the
+        // same name created later.
+        let leased = add(self.leased(ws), self.held(ws))?;
         if leased > 0 {
             return Err(RuleError::LeasesOutstanding {
                 workspace: ws.clone(),
@@ -530,19 +567,28 @@ impl OrgRecord {
                 });
             }
             if batch.epoch == share.epoch && batch.seq <= share.seq {
+                let last = batch.seq == share.seq;
                 let reply = SettleReply {
                     applied: false,
-                    grants: if batch.seq == share.seq {
+                    grants: if last {
                         share.last_grants.clone()
                     } else {
                         Vec::new()
                     },
                     version: self.version,
+                    expired: last && share.last_expired,
+                    unbacked: 0,
+                    prev_seq: share.seq,
                 };
                 return Ok((reply, events));
             }
         }
         let mut next = self.clone();
+        let prev_seq = next
+            .nodes
+            .get(&batch.node)
+            .filter(|s| s.epoch == batch.epoch)
+            .map_or(0, |s| s.seq);
         let is_new_life = next
             .nodes
             .get(&batch.node)
@@ -551,14 +597,80 @@ impl OrgRecord {
             events.extend(next.close_node(&batch.node, prior_life)?);
         }
         let mut share = next.nodes.remove(&batch.node).unwrap_or_default();
+        // A new life starts with nothing in memory: nothing to forfeit.
+        let expired = share.expired && !is_new_life;
+        share.expired = false;
         share.epoch = batch.epoch;
         share.seq = batch.seq;
         share.seen_ms = now_ms;
 
-        // Lines are increments over one interval and several lines may share a spender (every
-        // workspace spends the Primary's lease in shared mode): one workspace may have spent what
-        // another's reservation gave back. So every line's credits apply before any line's
-        // debits; only the net result per lease and per reservation must not go negative.
+        let unbacked = next.settle_lines(&mut share, batch, &mut events)?;
+        next.settle_releases(&mut share, &batch.release)?;
+        // A batch built on an older (or forgotten) version of the org is granted nothing: its
+        // node may still map workspaces to spenders as they were before the change.
+        let grants = if batch.version == next.version {
+            next.grant(&mut share, &batch.want)?
+        } else {
+            Vec::new()
+        };
+        share.leases.retain(|_, v| *v > 0);
+        share.held.retain(|_, v| *v > 0);
+        share.held_from.retain(|_, v| *v > 0);
+        share.last_grants = grants.clone();
+        share.last_expired = expired;
+        next.nodes.insert(batch.node.clone(), share);
+        debug_assert!(next.is_conserved(), "settle broke conservation: {next:?}");
+        *self = next;
+        Ok((
+            SettleReply {
+                applied: true,
+                grants,
+                version: self.version,
+                expired,
+                unbacked,
+                prev_seq,
+            },
+            events,
+        ))
+    }
+
+    /// The usage lines of a batch; returns the usage nothing in the store backed.
+    ///
+    /// Lines are increments over one interval and several lines may share a spender (every
+    /// workspace spends the Primary's lease in shared mode): one workspace may have spent what
+    /// another's reservation gave back. So every line's credits apply before any line's
+    /// debits, and only the net result per lease and per reservation must not go negative.
+    /// When it would (the node's lease expired while it lived, or the store forgot a grant),
+    /// the lines are applied flow by flow instead, each capped at what the node holds in the
+    /// store: what no lease or reservation backs is recorded as `usage_unbacked` and not
+    /// charged (it was paid for when the lease expired), and nothing is created.
+    fn settle_lines(
+        &mut self,
+        share: &mut NodeShare,
+        batch: &SettleBatch,
+        events: &mut Vec<LedgerEvent>,
+    ) -> Result<u64, RuleError> {
+        let (mut exact_record, mut exact_share, mut exact_events) =
+            (self.clone(), share.clone(), Vec::new());
+        match exact_record.lines_exact(&mut exact_share, batch, &mut exact_events) {
+            Ok(()) => {
+                *self = exact_record;
+                *share = exact_share;
+                events.extend(exact_events);
+                Ok(0)
+            }
+            Err(RuleError::BatchRefused(_)) => self.lines_capped(share, batch, events),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every line's credits, then every line's debits; refused if a net result goes negative.
+    fn lines_exact(
+        &mut self,
+        share: &mut NodeShare,
+        batch: &SettleBatch,
+        events: &mut Vec<LedgerEvent>,
+    ) -> Result<(), RuleError> {
         for line in &batch.lines {
             let lease = share.leases.entry(line.spender.clone()).or_default();
             *lease = add(*lease, line.released)?;
@@ -576,10 +688,7 @@ impl OrgRecord {
             *from = sub(*from, add(line.committed, line.released)?, "held")?;
             let used = add(line.consumed, line.committed)?;
             if used > 0 {
-                match next.workspaces.get_mut(&line.workspace) {
-                    Some(w) => w.used = add(w.used, used)?,
-                    None => next.used_deleted = add(next.used_deleted, used)?,
-                }
+                self.add_used(&line.workspace, used)?;
                 events.push(LedgerEvent::Usage {
                     node: batch.node.clone(),
                     workspace: line.workspace.clone(),
@@ -587,22 +696,122 @@ impl OrgRecord {
                 });
             }
         }
-        for (spender, amount) in &batch.release {
-            let lease = share.leases.entry(spender.clone()).or_default();
-            *lease = sub(*lease, *amount, "lease")?;
-            let home = next.home_of(spender);
-            let w = next.ws_mut(&home)?;
-            w.balance = add(w.balance, *amount)?;
+        Ok(())
+    }
+
+    /// The lines flow by flow, each capped at what the node holds: reservations made (lease
+    /// to held), then reservations ended (held to lease, held to used), then debits (lease to
+    /// used), each pass in line order. Returns the usage that was not backed.
+    fn lines_capped(
+        &mut self,
+        share: &mut NodeShare,
+        batch: &SettleBatch,
+        events: &mut Vec<LedgerEvent>,
+    ) -> Result<u64, RuleError> {
+        fn take(map: &mut BTreeMap<WorkspaceId, u64>, key: &WorkspaceId, wanted: u64) -> u64 {
+            let have = map.entry(key.clone()).or_default();
+            let taken = wanted.min(*have);
+            *have -= taken;
+            taken
         }
+        fn put(
+            map: &mut BTreeMap<WorkspaceId, u64>,
+            key: &WorkspaceId,
+            n: u64,
+        ) -> Result<(), RuleError> {
+            let have = map.entry(key.clone()).or_default();
+            *have = add(*have, n)?;
+            Ok(())
+        }
+        let mut backed = vec![0u64; batch.lines.len()];
+        for line in &batch.lines {
+            let n = take(&mut share.leases, &line.spender, line.reserved);
+            put(&mut share.held, &line.workspace, n)?;
+            put(&mut share.held_from, &line.spender, n)?;
+        }
+        for (i, line) in batch.lines.iter().enumerate() {
+            let held = share.held.get(&line.workspace).copied().unwrap_or(0);
+            let from = share.held_from.get(&line.spender).copied().unwrap_or(0);
+            let released = line.released.min(held.min(from));
+            take(&mut share.held, &line.workspace, released);
+            take(&mut share.held_from, &line.spender, released);
+            put(&mut share.leases, &line.spender, released)?;
+            let held = share.held.get(&line.workspace).copied().unwrap_or(0);
+            let from = share.held_from.get(&line.spender).copied().unwrap_or(0);
+            let committed = line.committed.min(held.min(from));
+            take(&mut share.held, &line.workspace, committed);
+            take(&mut share.held_from, &line.spender, committed);
+            backed[i] = committed;
+        }
+        for (i, line) in batch.lines.iter().enumerate() {
+            backed[i] += take(&mut share.leases, &line.spender, line.consumed);
+        }
+        let mut unbacked_total = 0u64;
+        for (line, backed) in batch.lines.iter().zip(backed) {
+            let used = add(line.consumed, line.committed)?;
+            if backed > 0 {
+                self.add_used(&line.workspace, backed)?;
+                events.push(LedgerEvent::Usage {
+                    node: batch.node.clone(),
+                    workspace: line.workspace.clone(),
+                    amount: backed,
+                });
+            }
+            let unbacked = used - backed;
+            if unbacked > 0 {
+                unbacked_total = add(unbacked_total, unbacked)?;
+                events.push(LedgerEvent::UsageUnbacked {
+                    node: batch.node.clone(),
+                    workspace: line.workspace.clone(),
+                    amount: unbacked,
+                });
+            }
+        }
+        Ok(unbacked_total)
+    }
+
+    /// Counts `n` as consumed by `ws` (by deleted workspaces if it is gone).
+    fn add_used(&mut self, ws: &WorkspaceId, n: u64) -> Result<(), RuleError> {
+        match self.workspaces.get_mut(ws) {
+            Some(w) => w.used = add(w.used, n)?,
+            None => self.used_deleted = add(self.used_deleted, n)?,
+        }
+        Ok(())
+    }
+
+    /// Leases given back: each capped at what the store records the node holding (a node
+    /// cannot give back credits the store never leased to it); they go to the spender's
+    /// balance, or to the Primary if the spender no longer spends for itself.
+    fn settle_releases(
+        &mut self,
+        share: &mut NodeShare,
+        release: &[(WorkspaceId, u64)],
+    ) -> Result<(), RuleError> {
+        for (spender, amount) in release {
+            let lease = share.leases.entry(spender.clone()).or_default();
+            let back = (*amount).min(*lease);
+            *lease -= back;
+            let home = self.home_of(spender);
+            let w = self.ws_mut(&home)?;
+            w.balance = add(w.balance, back)?;
+        }
+        Ok(())
+    }
+
+    /// Leases granted, up to each spender's unleased balance, only for a spender that is one
+    /// under the current mode: a node asking for a workspace that now spends from the Primary
+    /// gets nothing and learns the change from `version`.
+    fn grant(
+        &mut self,
+        share: &mut NodeShare,
+        want: &[(WorkspaceId, u64)],
+    ) -> Result<Vec<(WorkspaceId, u64)>, RuleError> {
         let mut grants = Vec::new();
-        for (spender, wanted) in &batch.want {
-            // Only a spender under the current mode may be leased: a node asking for a
-            // workspace that now spends from the Primary gets nothing and learns the change
-            // from `version`.
-            if next.spender_of(spender) != Some(spender) {
+        for (spender, wanted) in want {
+            if self.spender_of(spender) != Some(spender) {
                 continue;
             }
-            let w = next.ws_mut(spender)?;
+            let w = self.ws_mut(spender)?;
             let granted = (*wanted).min(w.balance);
             if granted == 0 {
                 continue;
@@ -612,21 +821,7 @@ impl OrgRecord {
             *lease = add(*lease, granted)?;
             grants.push((spender.clone(), granted));
         }
-        share.leases.retain(|_, v| *v > 0);
-        share.held.retain(|_, v| *v > 0);
-        share.held_from.retain(|_, v| *v > 0);
-        share.last_grants = grants.clone();
-        next.nodes.insert(batch.node.clone(), share);
-        debug_assert!(next.is_conserved(), "settle broke conservation: {next:?}");
-        *self = next;
-        Ok((
-            SettleReply {
-                applied: true,
-                grants,
-                version: self.version,
-            },
-            events,
-        ))
+        Ok(grants)
     }
 
     /// Ends a node's holdings: its leases and reservations go back to balances or count as
@@ -735,6 +930,9 @@ impl OrgRecord {
         for node in self.expired_nodes(now_ms, lease_ttl_ms) {
             if node != *except {
                 events.extend(next.close_node(&node, PriorLife::CountAsConsumed)?);
+                if let Some(share) = next.nodes.get_mut(&node) {
+                    share.expired = true;
+                }
             }
         }
         *self = next;

@@ -74,10 +74,21 @@ fn batch(n: &str, epoch: u64, seq: u64) -> SettleBatch {
         node: node(n),
         epoch,
         seq,
+        // 0: filled in by `settle` with the record's version when the batch is applied.
+        version: 0,
         lines: Vec::new(),
         release: Vec::new(),
         want: Vec::new(),
     }
+}
+
+/// The batch as a node whose view is the record's current version sends it.
+fn current(r: &OrgRecord, b: &SettleBatch) -> SettleBatch {
+    let mut b = b.clone();
+    if b.version == 0 {
+        b.version = r.version;
+    }
+    b
 }
 
 fn want(mut b: SettleBatch, spender: &str, n: u64) -> SettleBatch {
@@ -106,7 +117,7 @@ fn line(mut b: SettleBatch, workspace: &str, spender: &str, c: [u64; 4]) -> Sett
 /// Applies a batch that must succeed, and checks conservation and the API's view identity.
 fn settle(r: &mut OrgRecord, b: &SettleBatch) -> (SettleReply, Vec<LedgerEvent>) {
     let out = r
-        .settle(b, 1_000, PriorLife::CountAsConsumed)
+        .settle(&current(&r, b), 1_000, PriorLife::CountAsConsumed)
         .expect("batch applies");
     assert_conserved(r);
     out
@@ -503,8 +514,12 @@ fn rule7_every_operation_conserves_credits() {
         &line(batch("n2", 1, 2), "ws-a", "ws-a", [499, 0, 0, 0]),
     );
     // n1 restarts and returns what it held; n2 dies and what it held counts as consumed.
-    r.settle(&batch("n1", 2, 1), 2_000, PriorLife::ReturnToBalance)
-        .unwrap();
+    r.settle(
+        &current(&r, &batch("n1", 2, 1)),
+        2_000,
+        PriorLife::ReturnToBalance,
+    )
+    .unwrap();
     assert_conserved(&r);
     r.close_node(&node("n2"), PriorLife::CountAsConsumed)
         .unwrap();
@@ -548,7 +563,9 @@ fn settle_applies_each_batch_exactly_once() {
     );
     let after_first = r.clone();
     // The same batch again (a retry after a timeout): same grants, nothing applied twice.
-    let (again, events) = r.settle(&b, 9_999, PriorLife::CountAsConsumed).unwrap();
+    let (again, events) = r
+        .settle(&current(&r, &b), 9_999, PriorLife::CountAsConsumed)
+        .unwrap();
     assert!(!again.applied);
     assert_eq!(again.grants, first.grants);
     assert!(events.is_empty());
@@ -564,7 +581,9 @@ fn settle_ignores_a_batch_older_than_the_last_applied() {
     settle(&mut r, &want(batch("n1", 1, 2), "ws-a", 100));
     let before = r.clone();
     let old = line(batch("n1", 1, 1), "ws-a", "ws-a", [10, 0, 0, 0]);
-    let (reply, events) = r.settle(&old, 5_000, PriorLife::CountAsConsumed).unwrap();
+    let (reply, events) = r
+        .settle(&current(&r, &old), 5_000, PriorLife::CountAsConsumed)
+        .unwrap();
     assert!(!reply.applied);
     assert!(
         reply.grants.is_empty(),
@@ -579,7 +598,9 @@ fn settle_refuses_a_batch_from_a_stale_epoch() {
     let mut r = budget_org(1_000, &[("ws-a", 500)]);
     settle(&mut r, &want(batch("n1", 2, 1), "ws-a", 100));
     let stale = line(batch("n1", 1, 7), "ws-a", "ws-a", [10, 0, 0, 0]);
-    let err = refused(&mut r, |r| r.settle(&stale, 1, PriorLife::CountAsConsumed));
+    let err = refused(&mut r, |r| {
+        r.settle(&current(&r, &stale), 1, PriorLife::CountAsConsumed)
+    });
     assert_eq!(
         err,
         RuleError::StaleEpoch {
@@ -601,7 +622,7 @@ fn settle_from_a_new_epoch_returns_the_prior_life_to_balance() {
     // The restarted node's first batch: seq starts over, leases and reservations come back.
     let (reply, events) = r
         .settle(
-            &want(batch("n1", 2, 1), "ws-a", 20),
+            &current(&r, &want(batch("n1", 2, 1), "ws-a", 20)),
             2,
             PriorLife::ReturnToBalance,
         )
@@ -657,44 +678,112 @@ fn settle_from_a_new_epoch_counts_the_prior_life_as_consumed() {
 }
 
 #[test]
-fn settle_refuses_usage_beyond_the_lease() {
+fn settle_caps_usage_beyond_what_the_node_holds_and_records_the_rest() {
     let mut r = budget_org(1_000, &[("ws-a", 500)]);
     settle(&mut r, &want(batch("n1", 1, 1), "ws-a", 100));
+    // Each batch spends one credit more than n1 holds (a lease of 100 of ws-a): it is applied
+    // up to what n1 holds, the last credit is recorded as unbacked, and nothing is created.
     for bad in [
         line(batch("n1", 1, 2), "ws-a", "ws-a", [101, 0, 0, 0]),
         line(batch("n1", 1, 2), "ws-a", "ws-a", [60, 41, 0, 0]),
         line(batch("n1", 1, 2), "ws-a", "ws-a", [0, 10, 11, 0]),
         line(batch("n1", 1, 2), "ws-a", "ws-a", [0, 10, 5, 6]),
         line(batch("n1", 1, 2), "ws-a", PRIMARY, [1, 0, 0, 0]),
-        release(batch("n1", 1, 2), "ws-a", 101),
         line(batch("n2", 1, 1), "ws-a", "ws-a", [1, 0, 0, 0]),
     ] {
-        let err = refused(&mut r, |r| r.settle(&bad, 5, PriorLife::CountAsConsumed));
-        assert!(matches!(err, RuleError::BatchRefused(_)), "{err:?}");
+        let mut copy = r.clone();
+        let (reply, events) = settle(&mut copy, &bad);
+        assert!(reply.applied);
+        assert_eq!(reply.unbacked, 1, "{bad:?}");
+        assert!(events.contains(&LedgerEvent::UsageUnbacked {
+            node: bad.node.clone(),
+            workspace: ws("ws-a"),
+            amount: 1
+        }));
+        assert_eq!(copy.purchased, r.purchased);
+        assert_eq!(
+            copy.view().used + 1,
+            r.view().used + bad.lines[0].consumed + bad.lines[0].committed
+        );
     }
-    // The refused batch did not consume its sequence number.
+    // A release beyond the lease gives back only what the store leased.
+    let mut copy = r.clone();
+    settle(&mut copy, &release(batch("n1", 1, 2), "ws-a", 101));
+    assert_eq!(balance(&copy, "ws-a"), 500);
+    assert_eq!(lease(&copy, "n1", "ws-a"), 0);
+    // Within the lease, the batch is exact.
     let ok = line(batch("n1", 1, 2), "ws-a", "ws-a", [100, 0, 0, 0]);
-    assert!(settle(&mut r, &ok).0.applied);
+    let (reply, _) = settle(&mut r, &ok);
+    assert!(reply.applied && reply.unbacked == 0);
+    assert_eq!(used(&r, "ws-a"), 100);
 }
 
 #[test]
-fn settle_returns_releases_for_a_deleted_spender_to_the_primary() {
+fn a_batch_of_an_older_version_is_granted_nothing() {
+    let mut r = budget_org(1_000, &[("ws-a", 500)]);
+    let stale = r.version;
+    r.purchase(amt(1)).unwrap();
+    let mut b = want(batch("n1", 1, 1), "ws-a", 100);
+    b.version = stale;
+    let (reply, _) = settle(&mut r, &b);
+    assert!(reply.applied && reply.grants.is_empty());
+    assert_eq!(reply.version, stale + 1);
+    b.seq = 2;
+    b.version = r.version;
+    assert_eq!(settle(&mut r, &b).0.grants, vec![(ws("ws-a"), 100)]);
+}
+
+#[test]
+fn an_expired_node_learns_it_once_and_its_late_usage_is_not_charged_twice() {
     let mut r = budget_org(1_000, &[("ws-a", 500)]);
     settle(&mut r, &want(batch("n1", 1, 1), "ws-a", 100));
-    // An open reservation of 30 survives the recall and the deletion.
+    r.expire_nodes(1_000 + 5_000, 3_000, &node("n2")).unwrap();
+    assert_eq!(
+        used(&r, "ws-a"),
+        100,
+        "the expired lease counts as consumed"
+    );
+    assert!(r.nodes[&node("n1")].expired);
+    // n1 spent 30 before it went silent: reported late, recorded, not charged again.
+    let late = line(batch("n1", 1, 2), "ws-a", "ws-a", [30, 0, 0, 0]);
+    let (reply, _) = settle(&mut r, &late);
+    assert!(reply.expired);
+    assert_eq!(reply.unbacked, 30);
+    assert_eq!(used(&r, "ws-a"), 100);
+    // The reply is lost and the batch re-sent: it says so again. The next one does not.
+    assert!(settle(&mut r, &late).0.expired);
+    assert!(!settle(&mut r, &batch("n1", 1, 3)).0.expired);
+    // A store that forgot writes answers a lower previous seq than was acknowledged.
+    assert_eq!(settle(&mut r, &batch("n1", 1, 9)).0.prev_seq, 3);
+}
+
+#[test]
+fn a_workspace_with_open_reservations_is_deleted_only_once_they_end() {
+    let mut r = budget_org(1_000, &[("ws-a", 500)]);
+    settle(&mut r, &want(batch("n1", 1, 1), "ws-a", 100));
+    // An open reservation of 30 survives the recall; the deletion waits for it.
     let b = line(batch("n1", 1, 2), "ws-a", "ws-a", [0, 30, 0, 0]);
     settle(&mut r, &release(b, "ws-a", 70));
-    let (returned, _) = r.delete_workspace(&ws("ws-a")).unwrap();
-    assert_eq!(returned, 470);
-    assert_eq!(held(&r, "n1", "ws-a"), 30);
-    assert_conserved(&r);
-    // The reservation ends: 10 charged (to the deleted workspace), 20 released and given back.
+    let err = refused(&mut r, |r| r.delete_workspace(&ws("ws-a")));
+    assert_eq!(
+        err,
+        RuleError::LeasesOutstanding {
+            workspace: ws("ws-a"),
+            leased: 30
+        }
+    );
+    // The reservation ends: 10 charged, 20 released and given back; then the deletion.
     let b = line(batch("n1", 1, 3), "ws-a", "ws-a", [0, 0, 10, 20]);
     settle(&mut r, &release(b, "ws-a", 20));
-    assert_eq!(balance(&r, PRIMARY), 500 + 470 + 20);
+    let (returned, _) = r.delete_workspace(&ws("ws-a")).unwrap();
+    assert_eq!(returned, 490);
+    assert_eq!(balance(&r, PRIMARY), 1_000 - 500 + 490);
     assert_eq!(r.used_deleted, 10);
-    assert_eq!(r.view().used, 10);
     assert!(holds_nothing(&r, "n1"));
+    assert_conserved(&r);
+    // Created again under the same name, it starts from nothing.
+    r.create_workspace(ws("ws-a")).unwrap();
+    assert_eq!((balance(&r, "ws-a"), used(&r, "ws-a")), (0, 0));
 }
 
 #[test]
@@ -782,7 +871,8 @@ fn settle_lines_of_one_batch_apply_in_any_order() {
     settle(&mut r, &b);
     assert_eq!((lease(&r, "n1", PRIMARY), held(&r, "n1", "ws-b")), (0, 0));
     assert_eq!(used(&r, "ws-a"), 10);
-    // Net spend beyond lease plus releases is still refused, whatever the order.
+    // Net spend beyond lease plus releases is capped, whatever the order: the released 5 and
+    // the lease's 5 are charged, the one credit more is recorded as unbacked.
     settle(&mut r, &want(batch("n1", 1, 4), PRIMARY, 10));
     settle(
         &mut r,
@@ -790,8 +880,10 @@ fn settle_lines_of_one_batch_apply_in_any_order() {
     );
     let b = line(batch("n1", 1, 6), "ws-a", PRIMARY, [11, 0, 0, 0]);
     let b = line(b, "ws-b", PRIMARY, [0, 0, 0, 5]);
-    let err = refused(&mut r, |r| r.settle(&b, 0, PriorLife::CountAsConsumed));
-    assert!(matches!(err, RuleError::BatchRefused(_)), "{err:?}");
+    let (reply, _) = settle(&mut r, &b);
+    assert_eq!(reply.unbacked, 1);
+    assert_eq!((lease(&r, "n1", PRIMARY), held(&r, "n1", "ws-b")), (0, 0));
+    assert_eq!(used(&r, "ws-a"), 20);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -872,15 +964,19 @@ fn close_node_return_to_balance_gives_everything_back() {
 fn expired_nodes_are_silent_nodes_that_still_hold_credits() {
     let mut r = budget_org(1_000, &[("ws-a", 500)]);
     r.settle(
-        &want(batch("n1", 1, 1), "ws-a", 10),
+        &current(&r, &want(batch("n1", 1, 1), "ws-a", 10)),
         1_000,
         PriorLife::CountAsConsumed,
     )
     .unwrap();
-    r.settle(&batch("n2", 1, 1), 1_000, PriorLife::CountAsConsumed)
-        .unwrap();
     r.settle(
-        &want(batch("n3", 1, 1), "ws-a", 10),
+        &current(&r, &batch("n2", 1, 1)),
+        1_000,
+        PriorLife::CountAsConsumed,
+    )
+    .unwrap();
+    r.settle(
+        &current(&r, &want(batch("n3", 1, 1), "ws-a", 10)),
         5_000,
         PriorLife::CountAsConsumed,
     )
@@ -1009,6 +1105,8 @@ fn settle_overflow_is_refused_and_changes_nothing() {
     r.workspaces.get_mut(&ws(PRIMARY)).unwrap().balance = u64::MAX;
     settle(&mut r, &want(batch("n1", 1, 1), PRIMARY, u64::MAX));
     let b = line(batch("n1", 1, 2), PRIMARY, PRIMARY, [u64::MAX, 1, 0, 0]);
-    let err = refused(&mut r, |r| r.settle(&b, 0, PriorLife::CountAsConsumed));
+    let err = refused(&mut r, |r| {
+        r.settle(&current(&r, &b), 0, PriorLife::CountAsConsumed)
+    });
     assert_eq!(err, RuleError::Overflow);
 }

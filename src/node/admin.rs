@@ -10,12 +10,13 @@
 //!
 //! Purchases and new workspaces move no leased credits: they skip step 2.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::settle::Wants;
-use super::{Node, NodeError, OrgSlot, ADMIN_WAIT_MAX, RECALL_ATTEMPTS_MAX};
+use super::{Node, NodeError, OrgSlot, Pause, ADMIN_WAIT_MAX, RECALL_ATTEMPTS_MAX};
 use crate::metrics as m;
-use crate::model::{Amount, Mode, OrgId, OrgRecord, OrgView, RuleError, WorkspaceId};
+use crate::model::{Amount, Mode, NodeId, OrgId, OrgRecord, OrgView, RuleError, WorkspaceId};
 use crate::store::{AdminOp, AdminOutcome, IdempotencyKey, LedgerPage, Notice, StoreError};
 
 impl Node {
@@ -150,8 +151,13 @@ impl Node {
         moves_leased: bool,
     ) -> Result<AdminOutcome, NodeError> {
         let deadline = tokio::time::Instant::now() + self.options.recall_wait_max;
+        // A deletion also needs other nodes' reservations of the workspace back.
+        let cancel = match op {
+            AdminOp::DeleteWorkspace { workspace } => Some(workspace.clone()),
+            _ => None,
+        };
         let mut attempt = 0;
-        let mut _recalling = None;
+        let mut recalling: Option<RecallGuard<'_>> = None;
         loop {
             attempt += 1;
             if moves_leased {
@@ -165,15 +171,15 @@ impl Node {
                 {
                     // Our own leases are back; what is still out is held by other nodes (or by
                     // debits of ours that were past their check): ask everyone, then retry.
-                    if _recalling.is_none() {
-                        _recalling = Some(self.announce_recall(slot).await);
+                    if recalling.is_none() {
+                        recalling = Some(self.announce_recall(slot, cancel.clone()).await);
                     }
                     let pause = if attempt < RECALL_ATTEMPTS_MAX { 1 } else { 10 };
                     tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
                 }
                 result => {
-                    if _recalling.is_some() {
-                        self.announce_resume(slot).await;
+                    if let Some(recall) = recalling.take() {
+                        self.announce_resume(&recall).await;
                     }
                     return Ok(result?);
                 }
@@ -181,22 +187,32 @@ impl Node {
         }
     }
 
-    /// Asks every node to give the org's leases back. While the returned guard lives, this
-    /// node ignores recall notices for the org (its own among them).
-    pub(crate) async fn announce_recall<'a>(&self, slot: &'a OrgSlot) -> RecallGuard<'a> {
-        slot.recalling
-            .store(true, std::sync::atomic::Ordering::Release);
+    /// Asks every node to give the org's leases back (and, with `cancel`, to release their
+    /// reservations of that workspace). While the returned guard lives, recalls from nodes
+    /// with a higher id wait for this one.
+    pub(crate) async fn announce_recall<'a>(
+        &self,
+        slot: &'a OrgSlot,
+        cancel: Option<WorkspaceId>,
+    ) -> RecallGuard<'a> {
+        slot.recalling.fetch_add(1, Ordering::AcqRel);
+        let id = self.recall_ids.fetch_add(1, Ordering::AcqRel) + 1;
         self.announce(Notice::Recall {
             org: slot.org.clone(),
+            from: Some(self.node_id.clone()),
+            id,
+            cancel,
         })
         .await;
-        RecallGuard(slot)
+        RecallGuard { slot, id }
     }
 
-    /// Tells the other nodes that this node's recall is over, so they lease again.
-    pub(crate) async fn announce_resume(&self, slot: &OrgSlot) {
+    /// Tells the other nodes that this recall is over, so they lease again.
+    pub(crate) async fn announce_resume(&self, recall: &RecallGuard<'_>) {
         self.announce(Notice::Resume {
-            org: slot.org.clone(),
+            org: recall.slot.org.clone(),
+            from: Some(self.node_id.clone()),
+            id: recall.id,
         })
         .await;
     }
@@ -239,13 +255,15 @@ impl Node {
         }
     }
 
-    /// Acts on one notice.
+    /// Acts on one notice. Notices are hints, delivered at most once, in any order: what is
+    /// safe never depends on them (the store grants only to the current version; the lease
+    /// term bounds what a node spends without hearing from the store).
     fn follow(self: Arc<Self>, notice: Notice) {
         tracing::debug!(?notice, "notice");
         let org = match &notice {
-            Notice::Changed { org, .. } | Notice::Recall { org } | Notice::Resume { org } => {
-                org.clone()
-            }
+            Notice::Changed { org, .. }
+            | Notice::Recall { org, .. }
+            | Notice::Resume { org, .. } => org.clone(),
         };
         self.unknown_orgs.remove(org.as_str());
         let Some(slot) = self.orgs.get(&org).map(|s| Arc::clone(s.value())) else {
@@ -253,11 +271,10 @@ impl Node {
         };
         match notice {
             Notice::Changed { version, .. } => {
-                // A change ends any recall in progress: lease again.
-                *slot.recalled_until.lock() = None;
-                slot.seen_version
-                    .fetch_max(version, std::sync::atomic::Ordering::AcqRel);
+                // Only a newer version than the state's says something: an older notice may
+                // arrive late. (A settle reply says when the store went back.)
                 if version > slot.current().version {
+                    slot.seen_version.fetch_max(version, Ordering::AcqRel);
                     let node = Arc::clone(&self);
                     tokio::spawn(async move {
                         if let Ok(_admin) = slot.admin.try_lock() {
@@ -268,31 +285,48 @@ impl Node {
                     });
                 }
             }
-            Notice::Resume { .. } => {
-                *slot.recalled_until.lock() = None;
+            Notice::Resume { from, id, .. } => {
+                // Lifts only the pause of that recall: another one may still be in progress.
+                slot.pauses
+                    .lock()
+                    .retain(|p| !(p.from == from && p.id == id));
             }
-            Notice::Recall { .. } => {
-                if slot.recalling.load(std::sync::atomic::Ordering::Acquire) {
+            Notice::Recall {
+                from, id, cancel, ..
+            } => {
+                if from.as_ref() == Some(&self.node_id) {
+                    return;
+                }
+                // Two nodes recalling each other would each wait for the other: the lower
+                // node id goes first, the other gives back.
+                let busy = slot.recalling.load(Ordering::Acquire) > 0;
+                if busy && from.as_ref().is_some_and(|f| *f > self.node_id) {
                     return;
                 }
                 let node = Arc::clone(&self);
-                tokio::spawn(async move { node.give_back(&slot).await });
+                tokio::spawn(async move { node.give_back(&slot, from, id, cancel).await });
             }
         }
     }
 
-    /// Answers another node's recall: settle and return every lease of the org, then take no
-    /// new lease until the recalling node resumes (or changes the org), at most
-    /// `recall_wait_max`: otherwise this node's own debits would lease the credits again and
-    /// the recall would never converge under load. Debits that need a lease meanwhile wait.
-    async fn give_back(&self, slot: &Arc<OrgSlot>) {
-        let window = self.options.recall_wait_max;
-        *slot.recalled_until.lock() = Some(tokio::time::Instant::now() + window);
-        let Ok(_admin) =
-            tokio::time::timeout(self.options.recall_wait_max, slot.admin.lock()).await
-        else {
-            return;
-        };
+    /// Answers another node's recall: settle and return every lease of the org (and release
+    /// reservations of a workspace being deleted), then take no new lease until that recall
+    /// resumes, at most `recall_wait_max`: otherwise this node's own debits would lease the
+    /// credits again and the recall would never converge under load. Debits that need a
+    /// lease meanwhile ask for just what they need. It takes the settle stream, not the admin
+    /// lock: the node may be recalling itself.
+    async fn give_back(
+        &self,
+        slot: &Arc<OrgSlot>,
+        from: Option<NodeId>,
+        id: u64,
+        cancel: Option<WorkspaceId>,
+    ) {
+        let until = tokio::time::Instant::now() + self.options.recall_wait_max;
+        slot.pauses.lock().push(Pause { from, id, until });
+        if let Some(ws) = cancel {
+            self.release_reservations_of(&slot.org, &ws);
+        }
         if let Err(e) = self
             .settle_slots(std::slice::from_ref(slot), Wants::Recall)
             .await
@@ -317,12 +351,13 @@ impl Node {
 
 /// Marks an org as recalling leases on this node until dropped (also when the waiting call is
 /// cancelled by its timeout).
-pub(crate) struct RecallGuard<'a>(&'a OrgSlot);
+pub(crate) struct RecallGuard<'a> {
+    slot: &'a OrgSlot,
+    pub id: u64,
+}
 
 impl Drop for RecallGuard<'_> {
     fn drop(&mut self) {
-        self.0
-            .recalling
-            .store(false, std::sync::atomic::Ordering::Release);
+        self.slot.recalling.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -139,7 +139,7 @@ impl Node {
         let n = self.reservation_counter.fetch_add(1, Ordering::Relaxed);
         let id = format!(
             "r-{:x}-{:x}-{:016x}",
-            self.epoch,
+            self.epoch(),
             n,
             self.reservation_salt ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)
         );
@@ -269,26 +269,37 @@ impl Node {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
         let _admin = slot.admin.lock().await;
+        // A state the store no longer answers (the org changed): rebuild it first.
+        if slot.is_stale() {
+            self.reload(&slot).await?;
+        }
         // The org may have been rebuilt while we waited: look the account up again.
-        let account = self.account(org, ws).await?;
+        let mut account = self.account(org, ws).await?;
         if let Some(decision) = decided(account.debit(amount.get(), reserve)) {
             return Ok((decision, account));
         }
-        let wants = Wants::One(account.pool.spender.clone(), amount.get());
-        self.settle_slots(&[Arc::clone(&slot)], wants.clone())
+        let wants = |a: &Account| Wants::One(a.pool.spender.clone(), amount.get());
+        self.settle_slots(&[Arc::clone(&slot)], wants(&account))
             .await?;
+        // The answer may show a change this node had not seen: rebuild and ask again.
+        if slot.is_stale() {
+            self.reload(&slot).await?;
+            account = self.account(org, ws).await?;
+            self.settle_slots(&[Arc::clone(&slot)], wants(&account))
+                .await?;
+        }
         let mut debit = account.debit(amount.get(), reserve);
         // Still short, but other nodes hold leases of this spender: ask them to give them back
         // and try again until they do (the caller's lease wait bounds this).
         if debit == Debit::AskStore && account.pool.others() > 0 {
-            let _recalling = self.announce_recall(&slot).await;
-            while debit == Debit::AskStore && account.pool.others() > 0 {
+            let recall = self.announce_recall(&slot, None).await;
+            while debit == Debit::AskStore && account.pool.others() > 0 && !slot.is_stale() {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                self.settle_slots(&[Arc::clone(&slot)], wants.clone())
+                self.settle_slots(&[Arc::clone(&slot)], wants(&account))
                     .await?;
                 debit = account.debit(amount.get(), reserve);
             }
-            self.announce_resume(&slot).await;
+            self.announce_resume(&recall).await;
         }
         // What the store could not cover after asking is refused.
         let decision = decided(debit).unwrap_or(Decision::Insufficient {
@@ -416,6 +427,15 @@ impl Node {
         for id in ids {
             let _ = self.release(&id);
         }
+    }
+
+    /// Forgets the open reservations of one org without giving anything back: the store closed
+    /// them (as consumed) or no longer knows them. A later commit or release of one answers
+    /// `unknown_reservation`. Returns how many were dropped.
+    pub(crate) fn drop_reservations_of(&self, org: &crate::model::OrgId) -> usize {
+        let before = self.reservations.len();
+        self.reservations.retain(|_, r| r.account.org != *org);
+        before.saturating_sub(self.reservations.len())
     }
 
     /// Releases every open reservation (the node is stopping).

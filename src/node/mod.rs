@@ -14,7 +14,7 @@ mod admin;
 mod data;
 mod settle;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,6 +79,12 @@ pub struct NodeOptions {
     /// An org with nothing to report is still settled this often: the node's heartbeat, so
     /// that its leases do not expire while it lives.
     pub heartbeat_interval: Duration,
+    /// How long after sending a settle the node may spend its leases without another answer
+    /// from the store; `None` when nobody else can expire them (one node). Shorter than
+    /// `lease_ttl`, after which the store may close them: a node that was paused or cut off
+    /// asks the store before it spends again, so it never spends a lease the store closed nor
+    /// across a change it has not seen.
+    pub lease_term: Option<Duration>,
 }
 
 impl NodeOptions {
@@ -104,6 +110,11 @@ impl NodeOptions {
             recall_wait_max: config.recall_wait_max,
             outage_reserve: config.outage_reserve_credits,
             heartbeat_interval: config.lease_ttl / 3,
+            lease_term: match config.store {
+                crate::config::StoreKind::Embedded => None,
+                // A fifth of the TTL is the margin for clock rates and the request's trip.
+                crate::config::StoreKind::Redis => Some(config.lease_ttl * 4 / 5),
+            },
         }
     }
 }
@@ -156,16 +167,17 @@ impl From<StoreError> for NodeError {
 #[derive(Debug)]
 pub(crate) struct OrgState {
     pub mode: Mode,
-    /// The store's change epoch this state was built from (a cluster node compares it with
-    /// the epoch each settle returns).
-    #[allow(dead_code)]
+    /// The org version this state was built from: every batch carries it, and a node whose
+    /// store answers another version rebuilds.
     pub version: u64,
     pub accounts: Vec<Arc<Account>>,
     pub pools: Vec<Arc<Pool>>,
 }
 
 impl OrgState {
-    fn build(record: &OrgRecord) -> OrgState {
+    /// The state of `record`; with `lapsed`, its pools start outside their lease term (a
+    /// settle must answer before they are spent).
+    fn build(record: &OrgRecord, lapsed: bool) -> OrgState {
         let mut pools: Vec<Arc<Pool>> = Vec::new();
         let primary_pool = Arc::new(Pool::new(record.primary.clone()));
         pools.push(Arc::clone(&primary_pool));
@@ -183,6 +195,11 @@ impl OrgState {
                 Arc::new(Account::new(record.org.clone(), ws.clone(), pool))
             })
             .collect();
+        if lapsed {
+            for pool in &pools {
+                pool.set_valid_until(0);
+            }
+        }
         OrgState {
             mode: record.mode,
             version: record.version,
@@ -204,6 +221,9 @@ pub(crate) struct SettleStream {
     /// When the last batch was built: spending rates are measured over it, heartbeats
     /// timed from it.
     pub last_batch: tokio::time::Instant,
+    /// The highest sequence number of this life the store acknowledged for the org: a reply
+    /// that says the store had less forgot acknowledged writes.
+    pub acked_seq: u64,
 }
 
 impl Default for SettleStream {
@@ -211,8 +231,18 @@ impl Default for SettleStream {
         SettleStream {
             pending: None,
             last_batch: tokio::time::Instant::now(),
+            acked_seq: 0,
         }
     }
+}
+
+/// Another node's recall this node is answering: no new lease of the org until that node
+/// resumes (a notice with the same id) or `until`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Pause {
+    pub from: Option<NodeId>,
+    pub id: u64,
+    pub until: tokio::time::Instant,
 }
 
 /// One org's place on this node.
@@ -224,13 +254,17 @@ pub(crate) struct OrgSlot {
     pub retired: Mutex<Vec<Arc<OrgState>>>,
     pub admin: tokio::sync::Mutex<()>,
     pub settle: tokio::sync::Mutex<SettleStream>,
-    /// The newest change epoch seen for the org (settle replies, notices): newer than the
-    /// state's means another node changed the org, and the next round rebuilds it.
+    /// The org version the store last answered (settle replies; newer ones from notices):
+    /// different from the state's means the org changed (or the store lost writes), and the
+    /// next round rebuilds it.
     pub seen_version: AtomicU64,
-    /// This node asked the others to give leases back: its own recall notice is not for it.
-    pub recalling: AtomicBool,
-    /// After a recall notice, leases are taken only on demand until then.
-    pub recalled_until: Mutex<Option<tokio::time::Instant>>,
+    /// Recalls of this node in progress: while any is, recalls from nodes with a higher id
+    /// wait for it (two nodes recalling each other would otherwise both wait until timeout).
+    pub recalling: AtomicUsize,
+    /// Recalls of other nodes being answered: leases are taken only on demand meanwhile.
+    pub pauses: Mutex<Vec<Pause>>,
+    /// Usage in the settle stream's unacknowledged batch (readable while a settle runs).
+    pub pending_usage: AtomicU64,
 }
 
 impl OrgSlot {
@@ -240,9 +274,15 @@ impl OrgSlot {
 
     /// True while another node's recall asks this node not to lease the org.
     pub fn is_recalled(&self) -> bool {
-        self.recalled_until
-            .lock()
-            .is_some_and(|t| tokio::time::Instant::now() < t)
+        let now = tokio::time::Instant::now();
+        let mut pauses = self.pauses.lock();
+        pauses.retain(|p| now < p.until);
+        !pauses.is_empty()
+    }
+
+    /// True when the store answered another version of the org than the state's.
+    pub fn is_stale(&self) -> bool {
+        self.seen_version.load(Ordering::Acquire) != self.current().version
     }
 }
 
@@ -250,7 +290,14 @@ impl OrgSlot {
 pub struct Node {
     store: Arc<dyn Store>,
     node_id: NodeId,
-    epoch: u64,
+    /// The node's life: every batch carries it. A new one is taken when the store is found to
+    /// have forgotten acknowledged writes.
+    epoch: AtomicU64,
+    /// Set when a settle reply showed the store forgot writes of this life: the next round
+    /// starts a new life.
+    life_lost: AtomicBool,
+    /// Ids of this node's recall notices.
+    recall_ids: AtomicU64,
     options: NodeOptions,
     cache: Cache,
     orgs: DashMap<OrgId, Arc<OrgSlot>>,
@@ -293,7 +340,9 @@ impl Node {
         let node = Arc::new(Node {
             store,
             node_id,
-            epoch: start.epoch,
+            epoch: AtomicU64::new(start.epoch),
+            life_lost: AtomicBool::new(false),
+            recall_ids: AtomicU64::new(0),
             options,
             cache: Cache::new(),
             orgs: DashMap::new(),
@@ -319,7 +368,7 @@ impl Node {
     }
 
     pub fn epoch(&self) -> u64 {
-        self.epoch
+        self.epoch.load(Ordering::Acquire)
     }
 
     pub fn store_kind(&self) -> &'static str {
@@ -389,7 +438,7 @@ impl Node {
                 ),
             });
         }
-        let state = Arc::new(OrgState::build(&record));
+        let state = Arc::new(OrgState::build(&record, self.options.lease_term.is_some()));
         for account in &state.accounts {
             self.cache.insert(Arc::clone(account));
         }
@@ -399,9 +448,10 @@ impl Node {
             retired: Mutex::new(Vec::new()),
             admin: tokio::sync::Mutex::new(()),
             settle: tokio::sync::Mutex::new(SettleStream::default()),
-            seen_version: AtomicU64::new(0),
-            recalling: AtomicBool::new(false),
-            recalled_until: Mutex::new(None),
+            seen_version: AtomicU64::new(record.version),
+            recalling: AtomicUsize::new(0),
+            pauses: Mutex::new(Vec::new()),
+            pending_usage: AtomicU64::new(0),
         });
         // Nobody else can hold the new slot's admin lock yet: take it, so that debits arriving
         // before the first lease wait for it instead of asking the store themselves.
@@ -422,7 +472,7 @@ impl Node {
 
     /// Replaces the org's state by one built from `record`, retiring the old one.
     pub(crate) fn rebuild(&self, slot: &OrgSlot, record: &OrgRecord) {
-        let state = Arc::new(OrgState::build(record));
+        let state = Arc::new(OrgState::build(record, self.options.lease_term.is_some()));
         let old = {
             let mut current = slot.state.write();
             std::mem::replace(&mut *current, Arc::clone(&state))
@@ -433,11 +483,46 @@ impl Node {
         for account in &old.accounts {
             self.cache.remove(account);
         }
+        // Nothing spends from a retired pool any more: its lease goes back with the next batch.
+        for pool in &old.pools {
+            pool.set_valid_until(0);
+        }
+        // The record just read is the freshest word on the org's version, even if lower (a
+        // store that forgot writes).
+        slot.seen_version.store(record.version, Ordering::Release);
         slot.retired.lock().push(old);
     }
 
     /// A new settle sequence number.
     pub(crate) fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::AcqRel) + 1
+    }
+}
+
+impl Node {
+    #[doc(hidden)]
+    pub fn debug_org(&self, org: &str) -> String {
+        let Some(slot) = self.orgs.get(org).map(|s| Arc::clone(s.value())) else {
+            return "not loaded".into();
+        };
+        let state = slot.current();
+        let mut out = format!(
+            "version {} seen {} recalled {} pools:",
+            state.version,
+            slot.seen_version.load(Ordering::Acquire),
+            slot.is_recalled()
+        );
+        for p in &state.pools {
+            out += &format!(
+                " [{} lease {} left {} others {} term {}]",
+                p.spender,
+                p.lease(),
+                p.store_left(),
+                p.others(),
+                p.in_term()
+            );
+        }
+        out += &format!(" retired {}", slot.retired.lock().len());
+        out
     }
 }

@@ -5,13 +5,14 @@
 //! unchanged (same node, epoch and sequence number) before anything new: the store applies each
 //! batch exactly once, so a timeout never loses or doubles usage.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::{LeasePolicy, Node, NodeError, OrgSlot, OrgState, SettleStream, LEASE_MIN};
-use crate::cache::STORE_LEFT_UNKNOWN;
+use crate::cache::{clock_ms, STORE_LEFT_UNKNOWN};
 use crate::metrics as m;
 use crate::model::{OrgId, OrgRecord, SettleBatch, SettleReply, WorkspaceId};
 
@@ -70,12 +71,13 @@ impl Node {
                         .map(|b| (slots[i].org.clone(), b))
                 })
                 .collect();
+            let sent_ms = clock_ms();
             for (k, result) in self.send(&batches).await.into_iter().enumerate() {
                 let i = pending[k];
                 match result {
                     Ok((reply, record)) => {
-                        streams[i].pending = None;
-                        self.apply_reply(&slots[i], &reply, &record);
+                        set_pending(&slots[i], streams[i], None);
+                        self.apply_reply(&slots[i], streams[i], &reply, &record, sent_ms);
                     }
                     Err(e) => {
                         blocked[i] = true;
@@ -93,17 +95,18 @@ impl Node {
             let Some(batch) = self.build_batch(slot, streams[i], wants) else {
                 continue;
             };
-            streams[i].pending = Some(batch.clone());
+            set_pending(slot, streams[i], Some(batch.clone()));
             fresh.push((i, (slot.org.clone(), batch)));
         }
         if !fresh.is_empty() {
             let batches: Vec<(OrgId, SettleBatch)> = fresh.iter().map(|(_, b)| b.clone()).collect();
+            let sent_ms = clock_ms();
             for (k, result) in self.send(&batches).await.into_iter().enumerate() {
                 let i = fresh[k].0;
                 match result {
                     Ok((reply, record)) => {
-                        streams[i].pending = None;
-                        self.apply_reply(&slots[i], &reply, &record);
+                        set_pending(&slots[i], streams[i], None);
+                        self.apply_reply(&slots[i], streams[i], &reply, &record, sent_ms);
                     }
                     Err(e) => {
                         drop_if_refused(&slots[i], streams[i], &e);
@@ -170,10 +173,7 @@ impl Node {
                 }
             }
         }
-        let recalled = slot
-            .recalled_until
-            .lock()
-            .is_some_and(|t| Instant::now() < t);
+        let recalled = slot.is_recalled();
         let mut want = Vec::new();
         match wants {
             Wants::None => {}
@@ -231,8 +231,9 @@ impl Node {
         stream.last_batch = now;
         Some(SettleBatch {
             node: self.node_id.clone(),
-            epoch: self.epoch,
+            epoch: self.epoch(),
             seq: self.next_seq(),
+            version: state.version,
             lines,
             release,
             want,
@@ -259,9 +260,46 @@ impl Node {
         }
     }
 
-    /// Puts granted leases into the pools and notes what the store has left.
-    fn apply_reply(&self, slot: &OrgSlot, reply: &SettleReply, record: &OrgRecord) {
+    /// Takes in the store's answer to a batch sent at `sent_ms` ([`clock_ms`]): what the store
+    /// says of this node's holdings comes first (closed by an expiry, or forgotten), then the
+    /// grants, the lease term, and what the store and the other nodes have left.
+    fn apply_reply(
+        &self,
+        slot: &OrgSlot,
+        stream: &mut SettleStream,
+        reply: &SettleReply,
+        record: &OrgRecord,
+        sent_ms: u64,
+    ) {
         debug_assert!(record.is_conserved());
+        if reply.unbacked > 0 {
+            metrics::counter!(m::USAGE_UNBACKED).increment(reply.unbacked);
+            tracing::warn!(org = %slot.org, credits = reply.unbacked, "usage reported that no lease of this node backed in the store (already counted as lease_expired): recorded as usage_unbacked, not charged again");
+        }
+        if reply.prev_seq < stream.acked_seq {
+            // The store answered from before writes it had acknowledged: it forgot grants and
+            // usage of this life. Spend nothing more of what it may not know, and start a new
+            // life (the next round), whose first batches close what the store still records
+            // of this one as consumed.
+            metrics::counter!(m::STORE_REGRESSIONS).increment(1);
+            tracing::error!(org = %slot.org, acknowledged = stream.acked_seq, store_has = reply.prev_seq, "the store forgot acknowledged writes (failover or restart from older data): this node starts a new life");
+            self.forfeit(slot);
+            self.life_lost.store(true, Ordering::Release);
+            return;
+        }
+        stream.acked_seq = stream.acked_seq.max(reply.prev_seq);
+        if let Some(share) = record.nodes.get(&self.node_id) {
+            if share.epoch == self.epoch() {
+                stream.acked_seq = stream.acked_seq.max(share.seq);
+            }
+        }
+        if reply.expired {
+            // This node was silent past lease_ttl: another node closed its leases and
+            // reservations of the org as consumed. What memory still holds of them is paid
+            // for; spending it would spend it twice.
+            tracing::warn!(org = %slot.org, "this node's leases expired while it was silent (paused or cut off): dropping them");
+            self.forfeit(slot);
+        }
         let state = slot.current();
         for (spender, granted) in &reply.grants {
             match state.pool(spender) {
@@ -279,13 +317,37 @@ impl Node {
                 }
             }
         }
+        // The lease term: renewed by an applied batch (the store took it as this node's
+        // heartbeat, at or after `sent_ms`) for the state's own version. A retry's answer
+        // says nothing of when the store last heard from the node.
+        if let Some(term) = self.options.lease_term {
+            if reply.applied && record.version == state.version {
+                let until = sent_ms.saturating_add(term.as_millis() as u64);
+                for pool in &state.pools {
+                    pool.set_valid_until(until);
+                }
+            }
+        }
         // The outage reserve is filled first from what was granted (and from the lease).
         if self.options.outage_reserve > 0 {
             for pool in &state.pools {
                 pool.fill_reserve(self.options.outage_reserve);
             }
         }
-        let mine = record.nodes.get(&self.node_id);
+        // Other nodes' leases count only while those nodes live: a recall cannot bring back
+        // what a dead node holds (its leases expire after lease_ttl, as consumed).
+        let now_ms = record.nodes.get(&self.node_id).map_or(0, |n| n.seen_ms);
+        let alive_ms = 2 * self.options.heartbeat_interval.as_millis() as u64;
+        let others = |spender: &WorkspaceId| -> u64 {
+            record
+                .nodes
+                .iter()
+                .filter(|(id, n)| {
+                    **id != self.node_id && now_ms.saturating_sub(n.seen_ms) <= alive_ms
+                })
+                .filter_map(|(_, n)| n.leases.get(spender))
+                .sum()
+        };
         for pool in &state.pools {
             let left = if record.spender_of(&pool.spender) == Some(&pool.spender) {
                 record
@@ -295,26 +357,72 @@ impl Node {
             } else {
                 0
             };
-            let own = mine
-                .and_then(|n| n.leases.get(&pool.spender))
-                .copied()
-                .unwrap_or(0);
-            pool.set_others(record.leased(&pool.spender).saturating_sub(own));
+            pool.set_others(others(&pool.spender));
             pool.set_store_left(left);
         }
-        // A newer change epoch means another node changed the org: rebuild next round.
-        slot.seen_version
-            .fetch_max(record.version, std::sync::atomic::Ordering::AcqRel);
+        // Another version means the org changed (or the store forgot a change): rebuild.
+        slot.seen_version.store(record.version, Ordering::Release);
+    }
+
+    /// Drops, without giving them back, every lease and reservation this node holds of the
+    /// org: the store closed them (as consumed) or no longer knows them.
+    pub(crate) fn forfeit(&self, slot: &OrgSlot) {
+        let state = slot.current();
+        let retired = slot.retired.lock().clone();
+        let mut dropped = 0u64;
+        for s in retired.iter().chain(std::iter::once(&state)) {
+            for pool in &s.pools {
+                pool.set_store_left(STORE_LEFT_UNKNOWN);
+                dropped = dropped.saturating_add(pool.drain());
+            }
+        }
+        let reservations = self.drop_reservations_of(&slot.org);
+        metrics::counter!(m::LEASES_FORFEITED).increment(dropped);
+        tracing::warn!(org = %slot.org, credits = dropped, reservations, "leases forfeited");
+    }
+
+    /// Starts a new life after the store forgot acknowledged writes: a new epoch (the store's
+    /// next batch of each org closes what it records of the old life as consumed), and every
+    /// org's memory of the old life dropped: leases, reservations, unsent usage (the store
+    /// forgot part of it; the close counts the rest).
+    async fn start_new_life(&self) -> Result<(), NodeError> {
+        m::store_call("start_node");
+        let start = self.store.start_node(&self.node_id).await?;
+        let slots: Vec<Arc<OrgSlot>> = self.orgs.iter().map(|e| Arc::clone(e.value())).collect();
+        let mut streams = Vec::with_capacity(slots.len());
+        for slot in &slots {
+            streams.push(slot.settle.lock().await);
+        }
+        for (slot, stream) in slots.iter().zip(streams.iter_mut()) {
+            set_pending(slot, stream, None);
+            stream.acked_seq = 0;
+            self.forfeit(slot);
+            let state = slot.current();
+            let retired = slot.retired.lock().clone();
+            for s in retired.iter().chain(std::iter::once(&state)) {
+                for account in &s.accounts {
+                    let _ = account.collect();
+                }
+            }
+        }
+        self.epoch.store(start.epoch, Ordering::Release);
+        self.life_lost.store(false, Ordering::Release);
+        tracing::warn!(epoch = start.epoch, "new life started");
+        Ok(())
     }
 
     /// One settler round over every org: usage, top-ups, expired reservations, gauges.
     pub async fn tick(&self) {
         self.expire_reservations();
         self.expire_idempotency();
+        if self.life_lost.load(Ordering::Acquire) {
+            if let Err(e) = self.start_new_life().await {
+                tracing::warn!(error = %e, "starting a new life failed; retried next round");
+                return;
+            }
+        }
         let slots: Vec<Arc<OrgSlot>> = self.orgs.iter().map(|e| Arc::clone(e.value())).collect();
-        for slot in slots.iter().filter(|s| {
-            s.seen_version.load(std::sync::atomic::Ordering::Acquire) > s.current().version
-        }) {
+        for slot in slots.iter().filter(|s| s.is_stale()) {
             if let Ok(_admin) = slot.admin.try_lock() {
                 if let Err(e) = self.reload(slot).await {
                     tracing::warn!(org = %slot.org, error = %e, "reloading a changed org failed");
@@ -344,6 +452,22 @@ impl Node {
             }
         }
         self.update_gauges();
+    }
+
+    /// Credits this node's accounts used that the store has not heard of yet: what a crash
+    /// right now would leave uncharged.
+    pub fn unsettled_credits(&self) -> u64 {
+        let mut unsettled = 0u64;
+        for slot in self.orgs.iter() {
+            let retired = slot.retired.lock().clone();
+            for state in retired.iter().chain(std::iter::once(&slot.current())) {
+                for account in &state.accounts {
+                    unsettled = unsettled.saturating_add(account.unsettled());
+                }
+            }
+            unsettled = unsettled.saturating_add(slot.pending_usage.load(Ordering::Acquire));
+        }
+        unsettled
     }
 
     fn update_gauges(&self) {
@@ -440,8 +564,23 @@ fn drop_if_refused(slot: &OrgSlot, stream: &mut SettleStream, e: &NodeError) {
         return;
     }
     if let Some(batch) = stream.pending.take() {
-        tracing::error!(org = %slot.org, seq = batch.seq, error = %e, "settle batch refused by the store; dropped");
+        slot.pending_usage.store(0, Ordering::Release);
+        let usage: u64 = batch
+            .lines
+            .iter()
+            .map(|l| l.consumed.saturating_add(l.committed))
+            .sum();
+        tracing::error!(org = %slot.org, seq = batch.seq, usage, error = %e, "settle batch refused by the store; dropped, its usage uncharged");
     }
+}
+
+/// Sets (or clears) the batch the store has not acknowledged, and the usage it carries.
+fn set_pending(slot: &OrgSlot, stream: &mut SettleStream, batch: Option<SettleBatch>) {
+    let usage = batch.iter().flat_map(|b| &b.lines).fold(0u64, |n, l| {
+        n.saturating_add(l.consumed).saturating_add(l.committed)
+    });
+    slot.pending_usage.store(usage, Ordering::Release);
+    stream.pending = batch;
 }
 
 /// Forgets retired states that nothing points at and that have nothing left to report.

@@ -240,7 +240,9 @@ impl Store for EmbeddedStore {
             let clean_key = format!("clean:{node}");
             let previous = inner.meta(&epoch_key)?;
             let unclean = previous.is_some() && inner.meta(&clean_key)? != Some(1);
-            let epoch = previous.unwrap_or(0) + 1;
+            // Above every earlier epoch, and at least the clock in ms: an epoch never repeats,
+            // even if the counter were lost (as on the Redis store).
+            let epoch = (previous.unwrap_or(0) + 1).max(unix_ms());
             let mut orgs = inner.orgs.lock();
             let mut changes = Vec::new();
             for stored in orgs.values() {

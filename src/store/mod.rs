@@ -128,10 +128,26 @@ pub enum Notice {
     /// The org changed (a control-plane operation): reload it.
     Changed { org: OrgId, version: u64 },
     /// A node needs credits that other nodes hold as leases: settle and give them back, and
-    /// take no new lease of the org until `Resume` (or a change), at most `recall_wait_max`.
-    Recall { org: OrgId },
-    /// The node that asked for a recall is done: lease again.
-    Resume { org: OrgId },
+    /// take no new lease of the org until the matching `Resume`, at most `recall_wait_max`.
+    Recall {
+        org: OrgId,
+        /// The recalling node and its id for this recall (`Resume` names the same pair).
+        #[serde(default)]
+        from: Option<NodeId>,
+        #[serde(default)]
+        id: u64,
+        /// A workspace being deleted: open reservations of it are released too.
+        #[serde(default)]
+        cancel: Option<WorkspaceId>,
+    },
+    /// The recall `id` of node `from` is over: lift the pause it caused (only that one).
+    Resume {
+        org: OrgId,
+        #[serde(default)]
+        from: Option<NodeId>,
+        #[serde(default)]
+        id: u64,
+    },
 }
 
 /// A failure of the store (a refusal by the rules is `Rule`).

@@ -125,7 +125,8 @@ return run(function()
     if w == nil then
       refuse('unknown_workspace', ws)
     end
-    local l = leased(st, ws)
+    -- Leased or reserved by nodes: both must be back first (OrgRecord::delete_workspace).
+    local l = leased(st, ws) + held(st, ws)
     if l > 0 then
       refuse('leases_outstanding', ws, fmt(l))
     end

@@ -135,7 +135,7 @@ end
 -- The whole state of an org, read into tables, or nil if the org does not exist.
 --   st.ws[name]      = { balance =, used = }
 --   st.nodes[id]     = { epoch =, seq =, seen =, grants = {{ws, n}, ...}, leases = {ws = n},
---                        held = {ws = n}, held_from = {spender = n} }
+--                        held = {ws = n}, held_from = {spender = n}, expired =, last_expired = }
 -- The work is one HGETALL per key: O(workspaces + nodes + their leases and reservations).
 local function load_state(prefix)
   local meta = hgetall_map(prefix .. 'meta')
@@ -180,6 +180,8 @@ local function load_state(prefix)
       leases = {},
       held = {},
       held_from = {},
+      expired = h.expired == '1',
+      last_expired = h.last_expired == '1',
     }
     for field, value in pairs(h) do
       local kind, ws = string.match(field, '^([lhf]):(.+)$')
@@ -234,7 +236,7 @@ end
 -- The org's whole state as a flat array of strings (parsed by reply.rs):
 --   'org', org, mode, primary, purchased, used_deleted, version,
 --   #ws, then per workspace: name, balance, used,
---   #nodes, then per node: id, epoch, seq, seen_ms,
+--   #nodes, then per node: id, epoch, seq, seen_ms, expired (0 | 1), last_expired (0 | 1),
 --     #leases, (spender, n)..., #held, (ws, n)..., #held_from, (spender, n)...,
 --     #grants, (spender, n)... (grants in order)
 -- Maps come out in no particular order: the reader builds ordered maps, and sorting here would
@@ -260,6 +262,7 @@ local function state_tokens(st, out)
   push(tostring(count(st.nodes)))
   for id, s in pairs(st.nodes) do
     push(id); push(fmt(s.epoch)); push(fmt(s.seq)); push(fmt(s.seen))
+    push(s.expired and '1' or '0'); push(s.last_expired and '1' or '0')
     for _, map in ipairs({ s.leases, s.held, s.held_from }) do
       push(tostring(count(map)))
       for ws, n in pairs(map) do
@@ -320,7 +323,8 @@ local function save(st, events, at_ms)
       grants[#grants + 1] = g[1] .. ' ' .. fmt(g[2])
     end
     local fields = { 'epoch', fmt(s.epoch), 'seq', fmt(s.seq), 'seen_ms', fmt(s.seen),
-      'grants', table.concat(grants, ' ') }
+      'grants', table.concat(grants, ' '), 'expired', s.expired and '1' or '0',
+      'last_expired', s.last_expired and '1' or '0' }
     for ws, n in pairs(s.leases) do
       if n > 0 then
         fields[#fields + 1] = 'l:' .. ws; fields[#fields + 1] = fmt(n)
@@ -384,6 +388,10 @@ end
 function ev.usage(node, ws, n)
   return '"kind":"usage","node":' .. q(node) .. ',"workspace":' .. q(ws) .. ',"amount":' .. fmt(n)
 end
+function ev.usage_unbacked(node, ws, n)
+  return '"kind":"usage_unbacked","node":' .. q(node) .. ',"workspace":' .. q(ws) .. ',"amount":'
+    .. fmt(n)
+end
 function ev.lease_expired(node, ws, n)
   return '"kind":"lease_expired","node":' .. q(node) .. ',"workspace":' .. q(ws) .. ',"amount":'
     .. fmt(n)
@@ -412,6 +420,15 @@ local function leased(st, ws)
   local total = 0
   for _, share in pairs(st.nodes) do
     total = total + (share.leases[ws] or 0)
+  end
+  return total
+end
+
+-- Credits of `ws` held by open reservations on all nodes.
+local function held(st, ws)
+  local total = 0
+  for _, share in pairs(st.nodes) do
+    total = total + (share.held[ws] or 0)
   end
   return total
 end

@@ -62,6 +62,7 @@ pub(super) struct Scripts {
     pub ledger: LuaScript,
     pub apply: LuaScript,
     pub settle: LuaScript,
+    pub start_node: LuaScript,
 }
 
 impl Scripts {
@@ -72,6 +73,7 @@ impl Scripts {
             ledger: lua!("redis_ledger", "ledger.lua"),
             apply: lua!("redis_apply", "apply.lua"),
             settle: lua!("redis_settle", "settle.lua"),
+            start_node: lua!("redis_start_node", "start_node.lua"),
         }
     }
 }

@@ -522,6 +522,7 @@ impl RedisStore {
         args.push(batch.node.to_string());
         args.push(batch.epoch.to_string());
         args.push(batch.seq.to_string());
+        args.push(batch.version.to_string());
         args.push(self.inner.options.lease_ttl.as_millis().to_string());
         args.push(batch.lines.len().to_string());
         for l in &batch.lines {
@@ -566,11 +567,10 @@ impl RedisStore {
             return Err(unexpected("settle", status));
         }
         let mut t = Tokens::new(rest, "settle");
-        let applied = match t.str()? {
-            "1" => true,
-            "0" => false,
-            other => return Err(unexpected("settle", other)),
-        };
+        let applied = t.flag()?;
+        let expired = t.flag()?;
+        let unbacked = t.u64()?;
+        let prev_seq = t.u64()?;
         let grants = t.pairs()?;
         let record = t.record(org)?;
         Ok((
@@ -578,6 +578,9 @@ impl RedisStore {
                 applied,
                 grants,
                 version: record.version,
+                expired,
+                unbacked,
+                prev_seq,
             },
             record,
         ))
@@ -603,13 +606,25 @@ impl Store for RedisStore {
         "redis"
     }
 
-    /// A new life: `INCR` of the node's epoch (one key, outside every org's slot). What the
+    /// A new life: `start_node.lua` takes an epoch that never repeats (one key, outside every org's slot). What the
     /// previous life still holds in an org is closed by this life's first settle there (as
     /// consumed), or by another node once `lease_ttl` has passed.
     async fn start_node(&self, node: &NodeId) -> Result<NodeStart, StoreError> {
-        let mut cmd = redis::cmd("INCR");
-        cmd.arg(epoch_key(node));
-        let epoch: u64 = self.inner.redis.call("redis_incr", &cmd).await?;
+        let tokens = self
+            .inner
+            .redis
+            .eval(&self.inner.scripts.start_node, &[epoch_key(node)], &[])
+            .await?;
+        let epoch = match tokens.as_slice() {
+            [ok, epoch] if ok == "ok" => epoch
+                .parse::<u64>()
+                .map_err(|_| StoreError::Corrupt(format!("node epoch `{epoch}`")))?,
+            _ => {
+                return Err(StoreError::Corrupt(format!(
+                    "start_node replied {tokens:?}"
+                )))
+            }
+        };
         Ok(NodeStart {
             epoch,
             unclean: false,

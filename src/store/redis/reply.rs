@@ -57,6 +57,14 @@ impl<'a> Tokens<'a> {
         Ok(n as usize)
     }
 
+    pub fn flag(&mut self) -> Result<bool, StoreError> {
+        match self.str()? {
+            "1" => Ok(true),
+            "0" => Ok(false),
+            other => Err(self.bad(format!("`{other}` is not 0 or 1"))),
+        }
+    }
+
     fn workspace(&mut self) -> Result<WorkspaceId, StoreError> {
         let s = self.str()?;
         WorkspaceId::parse(s, "workspace").map_err(|_| self.bad(format!("bad workspace `{s}`")))
@@ -106,11 +114,13 @@ impl<'a> Tokens<'a> {
             workspaces.insert(ws, WorkspaceRecord { balance, used });
         }
         let mut nodes = BTreeMap::new();
-        for _ in 0..self.count(8)? {
+        for _ in 0..self.count(10)? {
             let node = self.node()?;
             let epoch = self.u64()?;
             let seq = self.u64()?;
             let seen_ms = self.u64()?;
+            let expired = self.flag()?;
+            let last_expired = self.flag()?;
             let leases = self.map()?;
             let held = self.map()?;
             let held_from = self.map()?;
@@ -125,6 +135,8 @@ impl<'a> Tokens<'a> {
                     seq,
                     last_grants,
                     seen_ms,
+                    expired,
+                    last_expired,
                 },
             );
         }
@@ -211,13 +223,14 @@ mod tests {
     fn a_state_reads_back_into_a_conserved_record() {
         let org = OrgId::parse("acme", "org").unwrap();
         let tokens = strings(
-            "org acme budget primary 100 5 7 2 a 10 0 primary 60 20 1 n1 3 9 1234 1 a 5 0 0 1 a 5",
+            "org acme budget primary 100 5 7 2 a 10 0 primary 60 20 1 n1 3 9 1234 0 1 1 a 5 0 0 1 a 5",
         );
         let record = Tokens::new(&tokens, "test").record(&org).unwrap();
         assert_eq!(record.version, 7);
         assert_eq!(record.workspaces.len(), 2);
         let n1 = &record.nodes[&NodeId::parse("n1", "n").unwrap()];
         assert_eq!((n1.epoch, n1.seq, n1.seen_ms), (3, 9, 1234));
+        assert!(!n1.expired && n1.last_expired);
         assert_eq!(n1.last_grants.len(), 1);
         assert!(record.is_conserved());
     }

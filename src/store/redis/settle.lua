@@ -4,21 +4,27 @@
 -- KEYS: 1 creditd:{org}:meta, 2 creditd:{org}:bal, 3 creditd:{org}:used,
 --       4 creditd:{org}:nodes, 5 creditd:{org}:ledger
 --       (and, named from the prefix, creditd:{org}:node:<node> for every node of the org)
--- ARGV: 1 org, 2 node, 3 epoch, 4 seq, 5 lease_ttl_ms,
---       6 L = number of usage lines, then L times: workspace, spender, consumed, reserved,
+-- ARGV: 1 org, 2 node, 3 epoch, 4 seq, 5 version (of the org, as the node's view was built),
+--       6 lease_ttl_ms,
+--       7 L = number of usage lines, then L times: workspace, spender, consumed, reserved,
 --         committed, released;
 --       then R = number of releases, then R times: spender, amount;
 --       then W = number of wants, then W times: spender, amount.
--- Reply: {'ok', applied (1 | 0), G, G times (spender, granted), state...} (state_tokens),
+-- Reply: {'ok', applied (1 | 0), expired (1 | 0), unbacked, prev_seq, G,
+--         G times (spender, granted), state...} (state_tokens),
 --        or {'err', code, ...}: unknown_org, stale_epoch batch current, batch_refused why,
 --        overflow, invalid why, corrupt why. A refusal writes nothing.
 -- Invariant: OrgRecord::settle with PriorLife::CountAsConsumed, then
 --   OrgRecord::expire_nodes(now, lease_ttl_ms, node), now from the server's TIME (never a
---   node's clock). Exactly once per (node, epoch, seq): a batch at or below the node's last
---   seq of the same epoch changes nothing and is answered with the grants of that seq (none
---   for a lower seq); a lower epoch is refused; a higher epoch first closes the previous life
---   (its leases and reservations count as consumed, `lease_expired`). Conservation holds
---   before and after; a lease or reservation never goes negative; nothing exceeds 2^53-1.
+--   node's clock). The functions below mirror the model's by name and order: settle_lines
+--   (lines_exact, else lines_capped), settle_releases, grant. Exactly once per (node, epoch,
+--   seq): a batch at or below the node's last seq of the same epoch changes nothing and is
+--   answered with the grants (and expired flag) of that seq (none for a lower seq); a lower
+--   epoch is refused; a higher epoch first closes the previous life (its leases and
+--   reservations count as consumed, `lease_expired`). Grants only to a batch of the org's
+--   current version. Usage no lease or reservation of the node backs is recorded as
+--   `usage_unbacked`, never charged twice, never refused. Conservation holds before and
+--   after; a lease or reservation never goes negative; nothing exceeds 2^53-1.
 -- Work: a batch has at most one line per account and one release and want per spender of the
 --   org (the store refuses longer batches before sending them), so the script does
 --   O(workspaces + nodes' leases) work, like reading the state it answers.
@@ -29,9 +35,10 @@ return run(function()
   local node = arg_id(2, 'node')
   local epoch = arg_number(3, 'epoch')
   local seq = arg_number(4, 'seq')
-  local ttl_ms = arg_number(5, 'lease_ttl_ms')
-  if epoch > CAP or seq > CAP or ttl_ms > CAP then
-    refuse('batch_refused', 'epoch, seq or lease_ttl above 2^53-1')
+  local version = arg_number(5, 'version')
+  local ttl_ms = arg_number(6, 'lease_ttl_ms')
+  if epoch > CAP or seq > CAP or ttl_ms > CAP or version > CAP then
+    refuse('batch_refused', 'epoch, seq, version or lease_ttl above 2^53-1')
   end
 
   -- Amounts of lines and releases: above 2^53-1 no real batch can be right (a node holds at
@@ -43,7 +50,7 @@ return run(function()
     end
     return n
   end
-  local i = 6
+  local i = 7
   local function count(what)
     local n = arg_number(i, what)
     if n > #ARGV then
@@ -93,8 +100,9 @@ return run(function()
       refuse('stale_epoch', fmt(epoch), fmt(share.epoch))
     end
     if epoch == share.epoch and seq <= share.seq then
-      local reply = { 'ok', '0' }
-      local grants = seq == share.seq and share.grants or {}
+      local last = seq == share.seq
+      local reply = { 'ok', '0', (last and share.last_expired) and '1' or '0', '0', fmt(share.seq) }
+      local grants = last and share.grants or {}
       reply[#reply + 1] = tostring(#grants)
       for _, g in ipairs(grants) do
         reply[#reply + 1] = g[1]
@@ -105,73 +113,136 @@ return run(function()
   end
 
   local events = {}
-  if share ~= nil and share.epoch < epoch then
+  local prev_seq = 0
+  if share ~= nil and share.epoch == epoch then
+    prev_seq = share.seq
+  end
+  local new_life = share ~= nil and share.epoch < epoch
+  if new_life then
     close_node(st, node, events)
   end
   if share == nil then
-    share = { epoch = 0, seq = 0, seen = 0, grants = {}, leases = {}, held = {}, held_from = {} }
+    share = { epoch = 0, seq = 0, seen = 0, grants = {}, leases = {}, held = {}, held_from = {},
+      expired = false, last_expired = false }
     st.nodes[node] = share
   end
+  -- A new life starts with nothing in memory: nothing to forfeit.
+  local expired = share.expired and not new_life
+  share.expired = false
   share.epoch = epoch
   share.seq = seq
   share.seen = now
   st.dirty_nodes[node] = true
   st.changed = true
 
-  -- Every line's credits before any line's debits (several lines may share a spender).
-  for _, l in ipairs(lines) do
-    local lease = (share.leases[l.spender] or 0) + l.released
-    local held = (share.held[l.ws] or 0) + l.reserved
-    local from = (share.held_from[l.spender] or 0) + l.reserved
-    if lease > CAP or held > CAP or from > CAP then
-      refuse('batch_refused', 'a lease or reservation would exceed 2^53-1')
+  -- OrgRecord::lines_exact: every line's credits before any line's debits (several lines may
+  -- share a spender); false (and nothing changed) if a net result would go negative.
+  local function lines_exact()
+    local lease, held, from = {}, {}, {}
+    for k, n in pairs(share.leases) do lease[k] = n end
+    for k, n in pairs(share.held) do held[k] = n end
+    for k, n in pairs(share.held_from) do from[k] = n end
+    for _, l in ipairs(lines) do
+      lease[l.spender] = (lease[l.spender] or 0) + l.released
+      held[l.ws] = (held[l.ws] or 0) + l.reserved
+      from[l.spender] = (from[l.spender] or 0) + l.reserved
+      if lease[l.spender] > CAP or held[l.ws] > CAP or from[l.spender] > CAP then
+        refuse('batch_refused', 'a lease or reservation would exceed 2^53-1')
+      end
     end
-    share.leases[l.spender] = lease
-    share.held[l.ws] = held
-    share.held_from[l.spender] = from
+    for _, l in ipairs(lines) do
+      -- One amount at a time: each step is exact, and a negative result keeps its sign.
+      lease[l.spender] = lease[l.spender] - l.consumed - l.reserved
+      held[l.ws] = held[l.ws] - l.committed - l.released
+      from[l.spender] = from[l.spender] - l.committed - l.released
+      if lease[l.spender] < 0 or held[l.ws] < 0 or from[l.spender] < 0 then
+        return false
+      end
+    end
+    share.leases, share.held, share.held_from = lease, held, from
+    for _, l in ipairs(lines) do
+      local used = l.consumed + l.committed
+      if used > 0 then
+        add_used(st, l.ws, used)
+        events[#events + 1] = ev.usage(node, l.ws, used)
+      end
+    end
+    return true
   end
-  for _, l in ipairs(lines) do
-    -- Subtract one amount at a time: each step is exact, and a negative result keeps its sign.
-    local lease = share.leases[l.spender] - l.consumed - l.reserved
-    if lease < 0 then
-      refuse('batch_refused', 'lease would go negative')
+
+  -- OrgRecord::lines_capped: flow by flow, each capped at what the node holds; returns the
+  -- usage nothing backed.
+  local function lines_capped()
+    local function take(map, key, wanted)
+      local have = map[key] or 0
+      local taken = math.min(wanted, have)
+      map[key] = have - taken
+      return taken
     end
-    share.leases[l.spender] = lease
-    local held = share.held[l.ws] - l.committed - l.released
-    local from = share.held_from[l.spender] - l.committed - l.released
-    if held < 0 or from < 0 then
-      refuse('batch_refused', 'held would go negative')
+    local backed = {}
+    for _, l in ipairs(lines) do
+      local n = take(share.leases, l.spender, l.reserved)
+      share.held[l.ws] = (share.held[l.ws] or 0) + n
+      share.held_from[l.spender] = (share.held_from[l.spender] or 0) + n
     end
-    share.held[l.ws] = held
-    share.held_from[l.spender] = from
-    local used = l.consumed + l.committed
-    if used > 0 then
-      add_used(st, l.ws, used)
-      events[#events + 1] = ev.usage(node, l.ws, used)
+    for k, l in ipairs(lines) do
+      local released = math.min(l.released, share.held[l.ws] or 0, share.held_from[l.spender] or 0)
+      take(share.held, l.ws, released)
+      take(share.held_from, l.spender, released)
+      share.leases[l.spender] = (share.leases[l.spender] or 0) + released
+      local committed = math.min(l.committed, share.held[l.ws] or 0, share.held_from[l.spender] or 0)
+      take(share.held, l.ws, committed)
+      take(share.held_from, l.spender, committed)
+      backed[k] = committed
     end
+    for k, l in ipairs(lines) do
+      backed[k] = backed[k] + take(share.leases, l.spender, l.consumed)
+    end
+    local total = 0
+    for k, l in ipairs(lines) do
+      if backed[k] > 0 then
+        add_used(st, l.ws, backed[k])
+        events[#events + 1] = ev.usage(node, l.ws, backed[k])
+      end
+      local unbacked = l.consumed + l.committed - backed[k]
+      if unbacked > 0 then
+        total = total + unbacked
+        events[#events + 1] = ev.usage_unbacked(node, l.ws, unbacked)
+      end
+    end
+    return total
   end
+
+  -- OrgRecord::settle_lines
+  local unbacked = 0
+  if not lines_exact() then
+    unbacked = lines_capped()
+  end
+
+  -- OrgRecord::settle_releases: each capped at what the node holds.
   for _, r in ipairs(releases) do
-    local lease = (share.leases[r[1]] or 0) - r[2]
-    if lease < 0 then
-      refuse('batch_refused', 'lease would go negative')
-    end
-    share.leases[r[1]] = lease
+    local back = math.min(r[2], share.leases[r[1]] or 0)
+    share.leases[r[1]] = (share.leases[r[1]] or 0) - back
     local home = home_of(st, r[1])
-    st.ws[home].balance = st.ws[home].balance + r[2]
+    st.ws[home].balance = st.ws[home].balance + back
     st.dirty_ws[home] = true
   end
+
+  -- OrgRecord::grant: only to a batch of the current version, only for a spender under the
+  -- current mode.
   local grants = {}
-  for _, w in ipairs(wants) do
-    -- Only a spender under the current mode may be leased.
-    local spender = w[1]
-    if spender_of(st, spender) == spender then
-      local balance = st.ws[spender].balance
-      local granted = math.min(w[2], balance)
-      if granted > 0 then
-        st.ws[spender].balance = balance - granted
-        st.dirty_ws[spender] = true
-        share.leases[spender] = (share.leases[spender] or 0) + granted
-        grants[#grants + 1] = { spender, granted }
+  if version == st.version then
+    for _, w in ipairs(wants) do
+      local spender = w[1]
+      if spender_of(st, spender) == spender then
+        local balance = st.ws[spender].balance
+        local granted = math.min(w[2], balance)
+        if granted > 0 then
+          st.ws[spender].balance = balance - granted
+          st.dirty_ws[spender] = true
+          share.leases[spender] = (share.leases[spender] or 0) + granted
+          grants[#grants + 1] = { spender, granted }
+        end
       end
     end
   end
@@ -185,18 +256,20 @@ return run(function()
     if n <= 0 then share.held_from[k] = nil end
   end
   share.grants = grants
+  share.last_expired = expired
 
   -- Other nodes silent for longer than lease_ttl: what they hold counts as consumed.
   for _, id in ipairs(sorted_keys(st.nodes)) do
     local other = st.nodes[id]
     if id ~= node and not is_empty(other) and now - other.seen > ttl_ms then
       close_node(st, id, events)
+      other.expired = true
     end
   end
   check_conserved(st)
 
   save(st, events, now)
-  local reply = { 'ok', '1', tostring(#grants) }
+  local reply = { 'ok', '1', expired and '1' or '0', fmt(unbacked), fmt(prev_seq), tostring(#grants) }
   for _, g in ipairs(grants) do
     reply[#reply + 1] = g[1]
     reply[#reply + 1] = fmt(g[2])
