@@ -257,6 +257,15 @@ impl Pool {
         lease.saturating_add(self.reserve.swap(0, Ordering::AcqRel))
     }
 
+    /// Counts credits on their way back to the store as left there.
+    pub fn add_store_left(&self, n: u64) {
+        let _ = self
+            .store_left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                (left != STORE_LEFT_UNKNOWN).then(|| left.saturating_add(n).min(STORE_LEFT_UNKNOWN - 1))
+            });
+    }
+
     /// Records what the store had left at the last settle.
     pub fn set_store_left(&self, left: u64) {
         self.store_left.store(left, Ordering::Release);
@@ -330,13 +339,16 @@ impl Account {
     }
 
     /// Ends a reservation of `reserved` credits made on this account: `charged` is consumed,
-    /// the rest goes back to the lease it came from.
+    /// the rest goes back to the store with the next settle, never into the lease: the
+    /// reservation may have been made under rules (a mode) that no longer hold, and credits
+    /// spent again from this node's memory would cross a change it may not have seen yet.
     pub fn finish_reservation(&self, reserved: u64, charged: u64) {
         debug_assert!(charged <= reserved);
         let back = reserved - charged;
         self.committed.fetch_add(charged, Ordering::AcqRel);
         self.released.fetch_add(back, Ordering::AcqRel);
-        self.pool.give(back);
+        // The store will have them: a debit the lease cannot cover asks it.
+        self.pool.add_store_left(back);
     }
 
     /// Takes the counts since the last collection as one usage line (`None` if idle).
@@ -547,11 +559,14 @@ mod tests {
     }
 
     #[test]
-    fn reservations_move_credits_back_to_the_lease() {
+    fn reservations_give_what_they_did_not_charge_back_to_the_store() {
         let a = account(10, 0);
         assert_eq!(a.debit(8, true), Debit::Allowed { remaining: 2 });
         a.finish_reservation(8, 3);
-        assert_eq!(a.pool.lease(), 7);
+        assert_eq!(a.pool.lease(), 2);
+        // The 5 released are the store's again: a debit beyond the lease asks for them.
+        assert_eq!(a.pool.store_left(), 5);
+        assert_eq!(a.debit(4, false), Debit::AskStore);
         let line = a.collect().unwrap();
         assert_eq!(
             (line.reserved, line.committed, line.released, line.consumed),

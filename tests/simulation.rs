@@ -701,6 +701,7 @@ impl Cluster {
 fn spend_task(
     world: &Shared,
     seen: &Arc<Mutex<Seen>>,
+    handle: usize,
     node: Arc<Node>,
     workspace: String,
     n: u64,
@@ -709,7 +710,12 @@ fn spend_task(
     let world = Arc::clone(world);
     async move {
         let started = Instant::now();
-        match node.debit(ORG, &workspace, amount(n)).await {
+        let answer = node.debit(ORG, &workspace, amount(n)).await;
+        if world.lock().dead[handle] {
+            // A crashed process answers nobody.
+            return;
+        }
+        match answer {
             Ok(Decision::Allowed { .. }) => {
                 world.lock().note(|| {
                     format!(
@@ -894,16 +900,22 @@ async fn simulate(seed: u64, world: &Shared) -> Result<Outcome, String> {
         if roll < 600 {
             // Debits, the bulk of the load.
             let n = 1 + rng.below(8);
-            let task = spend_task(&world, &cluster.seen, node, workspace, n);
+            let handle = cluster.members[i].handle;
+            let task = spend_task(&world, &cluster.seen, handle, node, workspace, n);
             cluster.tasks.push(tokio::spawn(task));
         } else if roll < 680 {
             // A reservation, committed or released later.
             let n = 1 + rng.below(20);
             let seen = Arc::clone(&cluster.seen);
             let life = cluster.members[i].life;
+            let (world, handle) = (Arc::clone(&world), cluster.members[i].handle);
             cluster.tasks.push(tokio::spawn(async move {
                 let started = Instant::now();
-                if let Ok(r) = node.reserve(ORG, &workspace, amount(n), None, None).await {
+                let answer = node.reserve(ORG, &workspace, amount(n), None, None).await;
+                if world.lock().dead[handle] {
+                    return;
+                }
+                if let Ok(r) = answer {
                     if let (Decision::Allowed { .. }, Some(id)) = (r.decision, r.id) {
                         seen.lock().open.push((i, life, id, workspace, n, started));
                     }
@@ -1139,7 +1151,7 @@ async fn drain(cluster: &Cluster, world: &Shared) -> Result<(), String> {
                     Ok(Decision::Allowed { .. }) => node.tick().await,
                     other => {
                         return Err(format!(
-                            "stranded: the view shows {n} credits in {name} but node 0 refuses them ({other:?}, remaining {remaining}); node 0: {}; view {view:?}", node.debug_org(ORG)
+                            "stranded: the view shows {n} credits in {name} but node 0 refuses them ({other:?}, remaining {remaining}); node 0: {}; store nodes {:?}; view {view:?}", node.debug_org(ORG), world.lock().durable.org.as_ref().unwrap().nodes
                         ))
                     }
                 }

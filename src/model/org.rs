@@ -113,6 +113,10 @@ pub struct NodeShare {
     /// What the reply to the last applied batch said of `expired`, answered again on a retry.
     #[serde(default)]
     pub last_expired: bool,
+    /// The sequence number the store had before the last applied batch (its reply's
+    /// `prev_seq`), answered again on a retry.
+    #[serde(default)]
+    pub last_prev_seq: u64,
 }
 
 impl NodeShare {
@@ -578,7 +582,7 @@ impl OrgRecord {
                     version: self.version,
                     expired: last && share.last_expired,
                     unbacked: 0,
-                    prev_seq: share.seq,
+                    prev_seq: if last { share.last_prev_seq } else { share.seq },
                 };
                 return Ok((reply, events));
             }
@@ -618,6 +622,7 @@ impl OrgRecord {
         share.held_from.retain(|_, v| *v > 0);
         share.last_grants = grants.clone();
         share.last_expired = expired;
+        share.last_prev_seq = prev_seq;
         next.nodes.insert(batch.node.clone(), share);
         debug_assert!(next.is_conserved(), "settle broke conservation: {next:?}");
         *self = next;

@@ -164,6 +164,15 @@ impl Node {
         for s in retired.iter().chain(std::iter::once(&state)) {
             lines.extend(s.accounts.iter().filter_map(|a| a.collect()));
         }
+        // What reservations did not charge goes back to the store, not into the lease
+        // (`Account::finish_reservation`): each line's release moves it from the reservation
+        // to the lease, and this from the lease to the spender's balance.
+        for line in lines.iter().filter(|l| l.released > 0) {
+            match release.iter_mut().find(|(s, _)| *s == line.spender) {
+                Some((_, n)) => *n += line.released,
+                None => release.push((line.spender.clone(), line.released)),
+            }
+        }
         // Retired pools give everything back: nothing spends from them any more.
         for s in &retired {
             for pool in &s.pools {
@@ -229,6 +238,15 @@ impl Node {
             pool.observe_spending(spent, elapsed);
         }
         stream.last_batch = now;
+        // One release per spender (the store bounds a batch's entries).
+        let mut merged: Vec<(WorkspaceId, u64)> = Vec::with_capacity(release.len());
+        for (spender, n) in release {
+            match merged.iter_mut().find(|(s, _)| *s == spender) {
+                Some((_, m)) => *m = m.saturating_add(n),
+                None => merged.push((spender, n)),
+            }
+        }
+        let release = merged;
         Some(SettleBatch {
             node: self.node_id.clone(),
             epoch: self.epoch(),
@@ -321,7 +339,13 @@ impl Node {
         // heartbeat, at or after `sent_ms`) for the state's own version. A retry's answer
         // says nothing of when the store last heard from the node.
         if let Some(term) = self.options.lease_term {
-            if reply.applied && record.version == state.version {
+            if record.version != state.version {
+                // The org changed under this state: nothing more is spent from it until it is
+                // rebuilt (a debit that finds its term over asks the store, which rebuilds).
+                for pool in &state.pools {
+                    pool.set_valid_until(0);
+                }
+            } else if reply.applied {
                 let until = sent_ms.saturating_add(term.as_millis() as u64);
                 for pool in &state.pools {
                     pool.set_valid_until(until);

@@ -135,7 +135,8 @@ end
 -- The whole state of an org, read into tables, or nil if the org does not exist.
 --   st.ws[name]      = { balance =, used = }
 --   st.nodes[id]     = { epoch =, seq =, seen =, grants = {{ws, n}, ...}, leases = {ws = n},
---                        held = {ws = n}, held_from = {spender = n}, expired =, last_expired = }
+--                        held = {ws = n}, held_from = {spender = n}, expired =, last_expired =,
+--                        last_prev_seq = }
 -- The work is one HGETALL per key: O(workspaces + nodes + their leases and reservations).
 local function load_state(prefix)
   local meta = hgetall_map(prefix .. 'meta')
@@ -182,6 +183,7 @@ local function load_state(prefix)
       held_from = {},
       expired = h.expired == '1',
       last_expired = h.last_expired == '1',
+      last_prev_seq = counter(h.last_prev_seq or '0', 'last_prev_seq of node ' .. id),
     }
     for field, value in pairs(h) do
       local kind, ws = string.match(field, '^([lhf]):(.+)$')
@@ -237,6 +239,7 @@ end
 --   'org', org, mode, primary, purchased, used_deleted, version,
 --   #ws, then per workspace: name, balance, used,
 --   #nodes, then per node: id, epoch, seq, seen_ms, expired (0 | 1), last_expired (0 | 1),
+--     last_prev_seq,
 --     #leases, (spender, n)..., #held, (ws, n)..., #held_from, (spender, n)...,
 --     #grants, (spender, n)... (grants in order)
 -- Maps come out in no particular order: the reader builds ordered maps, and sorting here would
@@ -262,7 +265,7 @@ local function state_tokens(st, out)
   push(tostring(count(st.nodes)))
   for id, s in pairs(st.nodes) do
     push(id); push(fmt(s.epoch)); push(fmt(s.seq)); push(fmt(s.seen))
-    push(s.expired and '1' or '0'); push(s.last_expired and '1' or '0')
+    push(s.expired and '1' or '0'); push(s.last_expired and '1' or '0'); push(fmt(s.last_prev_seq))
     for _, map in ipairs({ s.leases, s.held, s.held_from }) do
       push(tostring(count(map)))
       for ws, n in pairs(map) do
@@ -324,7 +327,7 @@ local function save(st, events, at_ms)
     end
     local fields = { 'epoch', fmt(s.epoch), 'seq', fmt(s.seq), 'seen_ms', fmt(s.seen),
       'grants', table.concat(grants, ' '), 'expired', s.expired and '1' or '0',
-      'last_expired', s.last_expired and '1' or '0' }
+      'last_expired', s.last_expired and '1' or '0', 'last_prev_seq', fmt(s.last_prev_seq) }
     for ws, n in pairs(s.leases) do
       if n > 0 then
         fields[#fields + 1] = 'l:' .. ws; fields[#fields + 1] = fmt(n)

@@ -114,13 +114,14 @@ impl<'a> Tokens<'a> {
             workspaces.insert(ws, WorkspaceRecord { balance, used });
         }
         let mut nodes = BTreeMap::new();
-        for _ in 0..self.count(10)? {
+        for _ in 0..self.count(11)? {
             let node = self.node()?;
             let epoch = self.u64()?;
             let seq = self.u64()?;
             let seen_ms = self.u64()?;
             let expired = self.flag()?;
             let last_expired = self.flag()?;
+            let last_prev_seq = self.u64()?;
             let leases = self.map()?;
             let held = self.map()?;
             let held_from = self.map()?;
@@ -137,6 +138,7 @@ impl<'a> Tokens<'a> {
                     seen_ms,
                     expired,
                     last_expired,
+                    last_prev_seq,
                 },
             );
         }
@@ -223,7 +225,7 @@ mod tests {
     fn a_state_reads_back_into_a_conserved_record() {
         let org = OrgId::parse("acme", "org").unwrap();
         let tokens = strings(
-            "org acme budget primary 100 5 7 2 a 10 0 primary 60 20 1 n1 3 9 1234 0 1 1 a 5 0 0 1 a 5",
+            "org acme budget primary 100 5 7 2 a 10 0 primary 60 20 1 n1 3 9 1234 0 1 8 1 a 5 0 0 1 a 5",
         );
         let record = Tokens::new(&tokens, "test").record(&org).unwrap();
         assert_eq!(record.version, 7);

@@ -101,7 +101,8 @@ return run(function()
     end
     if epoch == share.epoch and seq <= share.seq then
       local last = seq == share.seq
-      local reply = { 'ok', '0', (last and share.last_expired) and '1' or '0', '0', fmt(share.seq) }
+      local reply = { 'ok', '0', (last and share.last_expired) and '1' or '0', '0',
+        fmt(last and share.last_prev_seq or share.seq) }
       local grants = last and share.grants or {}
       reply[#reply + 1] = tostring(#grants)
       for _, g in ipairs(grants) do
@@ -123,7 +124,7 @@ return run(function()
   end
   if share == nil then
     share = { epoch = 0, seq = 0, seen = 0, grants = {}, leases = {}, held = {}, held_from = {},
-      expired = false, last_expired = false }
+      expired = false, last_expired = false, last_prev_seq = 0 }
     st.nodes[node] = share
   end
   -- A new life starts with nothing in memory: nothing to forfeit.
@@ -257,6 +258,7 @@ return run(function()
   end
   share.grants = grants
   share.last_expired = expired
+  share.last_prev_seq = prev_seq
 
   -- Other nodes silent for longer than lease_ttl: what they hold counts as consumed.
   for _, id in ipairs(sorted_keys(st.nodes)) do
