@@ -378,11 +378,13 @@ impl Store for EmbeddedStore {
                         .settle(batch, now_ms, PriorLife::ReturnToBalance)
                     {
                         Ok((reply, events)) => {
-                            let changed = reply.applied && !(events.is_empty() && batch.is_empty());
+                            let applied = reply.applied;
                             answers.push(Ok((reply, next.record.clone())));
-                            // A retried batch changes nothing; a bare heartbeat needs no
-                            // write, since one node has no lease to expire.
-                            if changed {
+                            // A retried batch changes nothing. An applied one is written, a
+                            // bare heartbeat too: its sequence number is what the next reply
+                            // answers as `prev_seq`, and a node takes a lower one for a store
+                            // that forgot acknowledged writes.
+                            if applied {
                                 changes.push((next, events));
                             }
                         }
