@@ -262,7 +262,8 @@ impl Pool {
         let _ = self
             .store_left
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
-                (left != STORE_LEFT_UNKNOWN).then(|| left.saturating_add(n).min(STORE_LEFT_UNKNOWN - 1))
+                (left != STORE_LEFT_UNKNOWN)
+                    .then(|| left.saturating_add(n).min(STORE_LEFT_UNKNOWN - 1))
             });
     }
 

@@ -619,6 +619,19 @@ impl Sim {
             Err(RuleError::LeasesOutstanding { .. })
         );
         if recall && needs_recall {
+            // A deletion's recall also asks the nodes to release their reservations of the
+            // workspace (`Notice::Recall::cancel`).
+            if let AdminOp::DeleteWorkspace { workspace } = &op {
+                for i in 0..self.nodes.len() {
+                    while let Some(k) = self.nodes[i]
+                        .reservations
+                        .iter()
+                        .position(|r| r.workspace == *workspace)
+                    {
+                        self.finish(i, k, 0);
+                    }
+                }
+            }
             for i in 0..self.nodes.len() {
                 self.settle(i, None, false, false, true);
             }

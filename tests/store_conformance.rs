@@ -1072,7 +1072,13 @@ async fn a_silent_nodes_leases_expire_as_consumed() {
     // n1 comes back in the same life: the reply says its leases expired, what it spent from
     // them is recorded as unbacked and not charged again (nobody pays a credit twice), and it
     // can lease again.
-    let used_before = store.load_org(&org("acme")).await.unwrap().unwrap().view().used;
+    let used_before = store
+        .load_org(&org("acme"))
+        .await
+        .unwrap()
+        .unwrap()
+        .view()
+        .used;
     let (reply, record) = settle_one(
         &store,
         "acme",
@@ -1083,11 +1089,13 @@ async fn a_silent_nodes_leases_expire_as_consumed() {
     assert!(reply.applied && reply.expired);
     assert_eq!(reply.unbacked, 5);
     assert_eq!(record.view().used, used_before);
-    assert!(ledger_events(&store, "acme").await.contains(&LedgerEvent::UsageUnbacked {
-        node: node("n1"),
-        workspace: ws("a"),
-        amount: 5
-    }));
+    assert!(ledger_events(&store, "acme")
+        .await
+        .contains(&LedgerEvent::UsageUnbacked {
+            node: node("n1"),
+            workspace: ws("a"),
+            amount: 5
+        }));
     let (reply, _) = settle_one(&store, "acme", &Batch::new("n1", e1, 4).want("a", 5))
         .await
         .expect("n1 leases again");

@@ -669,13 +669,34 @@ impl OrgRecord {
         }
     }
 
-    /// Every line's credits, then every line's debits; refused if a net result goes negative.
+    /// Every line's credits, then every line's debits; refused if a net result goes negative,
+    /// or if the credits or the debits of one lease or reservation add up beyond
+    /// [`CREDITS_MAX`] (no real batch does; the Redis scripts compute with doubles, exact only
+    /// below it). A refusal here sends the batch to [`Self::lines_capped`].
     fn lines_exact(
         &mut self,
         share: &mut NodeShare,
         batch: &SettleBatch,
         events: &mut Vec<LedgerEvent>,
     ) -> Result<(), RuleError> {
+        let mut sums: BTreeMap<(u8, &WorkspaceId), (u128, u128)> = BTreeMap::new();
+        for line in &batch.lines {
+            let (c, d) = sums.entry((0, &line.spender)).or_default();
+            *c += line.released as u128;
+            *d += line.consumed as u128 + line.reserved as u128;
+            let (c, d) = sums.entry((1, &line.workspace)).or_default();
+            *c += line.reserved as u128;
+            *d += line.committed as u128 + line.released as u128;
+            let (c, d) = sums.entry((2, &line.spender)).or_default();
+            *c += line.reserved as u128;
+            *d += line.committed as u128 + line.released as u128;
+        }
+        if sums
+            .values()
+            .any(|&(c, d)| c > CREDITS_MAX as u128 || d > CREDITS_MAX as u128)
+        {
+            return Err(RuleError::BatchRefused("a batch sum above 2^53-1".into()));
+        }
         for line in &batch.lines {
             let lease = share.leases.entry(line.spender.clone()).or_default();
             *lease = add(*lease, line.released)?;

@@ -300,6 +300,14 @@ impl Node {
                 debit = account.debit(amount.get(), reserve);
             }
             self.announce_resume(&recall).await;
+            // A change arrived meanwhile: ask once more under the new view.
+            if debit == Debit::AskStore && slot.is_stale() {
+                self.reload(&slot).await?;
+                account = self.account(org, ws).await?;
+                self.settle_slots(&[Arc::clone(&slot)], wants(&account))
+                    .await?;
+                debit = account.debit(amount.get(), reserve);
+            }
         }
         // What the store could not cover after asking is refused.
         let decision = decided(debit).unwrap_or(Decision::Insufficient {

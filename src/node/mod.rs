@@ -500,8 +500,9 @@ impl Node {
 }
 
 impl Node {
-    #[doc(hidden)]
-    pub fn debug_org(&self, org: &str) -> String {
+    /// One line on how this node holds an org (its view's version, pauses, each pool's lease,
+    /// what the store had left, other nodes' leases, the lease term): for diagnostics.
+    pub fn describe_org(&self, org: &str) -> String {
         let Some(slot) = self.orgs.get(org).map(|s| Arc::clone(s.value())) else {
             return "not loaded".into();
         };

@@ -137,30 +137,54 @@ return run(function()
   st.changed = true
 
   -- OrgRecord::lines_exact: every line's credits before any line's debits (several lines may
-  -- share a spender); false (and nothing changed) if a net result would go negative.
+  -- share a spender), so only the net result per lease and per reservation must not go
+  -- negative; false (and nothing changed) if one would, or if the credits or the debits of
+  -- one of them add up beyond 2^53-1. Each net result is computed from two sums below 2^53:
+  -- exact in doubles.
   local function lines_exact()
-    local lease, held, from = {}, {}, {}
-    for k, n in pairs(share.leases) do lease[k] = n end
-    for k, n in pairs(share.held) do held[k] = n end
-    for k, n in pairs(share.held_from) do from[k] = n end
-    for _, l in ipairs(lines) do
-      lease[l.spender] = (lease[l.spender] or 0) + l.released
-      held[l.ws] = (held[l.ws] or 0) + l.reserved
-      from[l.spender] = (from[l.spender] or 0) + l.reserved
-      if lease[l.spender] > CAP or held[l.ws] > CAP or from[l.spender] > CAP then
-        refuse('batch_refused', 'a lease or reservation would exceed 2^53-1')
+    local sums = { l = {}, h = {}, f = {} }
+    local function count(kind, key, plus, minus)
+      local e = sums[kind][key]
+      if e == nil then
+        e = { 0, 0 }
+        sums[kind][key] = e
       end
+      e[1] = e[1] + plus
+      e[2] = e[2] + minus
     end
     for _, l in ipairs(lines) do
-      -- One amount at a time: each step is exact, and a negative result keeps its sign.
-      lease[l.spender] = lease[l.spender] - l.consumed - l.reserved
-      held[l.ws] = held[l.ws] - l.committed - l.released
-      from[l.spender] = from[l.spender] - l.committed - l.released
-      if lease[l.spender] < 0 or held[l.ws] < 0 or from[l.spender] < 0 then
-        return false
+      count('l', l.spender, l.released, l.consumed + l.reserved)
+      count('h', l.ws, l.reserved, l.committed + l.released)
+      count('f', l.spender, l.reserved, l.committed + l.released)
+    end
+    local maps = { l = share.leases, h = share.held, f = share.held_from }
+    local final = { l = {}, h = {}, f = {} }
+    for kind, t in pairs(sums) do
+      for key, e in pairs(t) do
+        if e[1] > CAP or e[2] > CAP then
+          return false
+        end
+        local have = maps[kind][key] or 0
+        local n
+        if e[1] >= e[2] then
+          n = have + (e[1] - e[2])
+          if n > CAP then
+            return false
+          end
+        else
+          n = have - (e[2] - e[1])
+          if n < 0 then
+            return false
+          end
+        end
+        final[kind][key] = n
       end
     end
-    share.leases, share.held, share.held_from = lease, held, from
+    for kind, t in pairs(final) do
+      for key, n in pairs(t) do
+        maps[kind][key] = n
+      end
+    end
     for _, l in ipairs(lines) do
       local used = l.consumed + l.committed
       if used > 0 then
