@@ -72,14 +72,25 @@ async fn fill(b: &Browser, label: &str, text: &str) {
 
 /// Chooses the option shown as `option` in the `select` labelled `label`.
 async fn choose(b: &Browser, label: &str, option: &str) {
-    let select = control(b, "select", label).await;
-    for o in b.find_all_in(&select, "option").await.expect("options") {
-        if b.text(&o).await.expect("option text") == option {
-            b.click(&o).await.expect("choose option");
-            return;
-        }
-    }
-    panic!("no option {option:?} in the select labelled {label:?}");
+    let what = format!("choose {option:?} in the select labelled {label:?}");
+    b.until(&what, WAIT, move || {
+        Box::pin(async move {
+            let err = |e: webdriver::WdError| e.to_string();
+            let Some(select) = b.find_named("select", label).await.map_err(err)? else {
+                return Err("no such select shown".into());
+            };
+            let mut shown = Vec::new();
+            for o in b.find_all_in(&select, "option").await.map_err(err)? {
+                let text = b.text(&o).await.map_err(err)?;
+                if text == option {
+                    return b.click(&o).await.map_err(err);
+                }
+                shown.push(text);
+            }
+            Err(format!("options: {shown:?}"))
+        })
+    })
+    .await
 }
 
 /// The rows of the displayed workspaces table: workspace -> column header -> cell text.
@@ -139,7 +150,7 @@ async fn wait_totals(b: &Browser, expected: &[(&str, u64)]) {
                 .await
                 .map_err(|e| e.to_string())?;
             for (name, n) in expected {
-                if shown[*name] != n.to_string() {
+                if shown[*name].as_str().and_then(|t| t.parse::<u64>().ok()) != Some(*n) {
                     return Err(format!("{shown}"));
                 }
             }
@@ -305,7 +316,8 @@ async fn sign_in(b: &Browser, base: &str) {
     assert_eq!(b.property(&token, "type").await.unwrap(), "password");
     fill(b, "Admin token", "not-the-token").await;
     click(b, "button", "Sign in").await;
-    wait_text(b, "[role=alert]", "", "wrong admin token").await;
+    let alert = wait_text(b, "[role=alert]", "", "wrong admin token").await;
+    assert_eq!(alert, "The admin token was refused: wrong admin token");
     fill(b, "Admin token", TOKEN).await;
     click(b, "button", "Sign in").await;
     control(b, "select", "Organization").await;
@@ -371,7 +383,9 @@ async fn allocate_with_manage_credits(b: &Browser, c: &Client) {
     click(b, "button", "Actions for ws-a").await;
     assert_eq!(menu_items(b).await, ["Manage Credits", "Delete workspace"]);
     click(b, "[role=menuitem]", "Manage Credits").await;
-    open_dialog(b).await;
+    let dialog = open_dialog(b).await;
+    assert_eq!(b.role(&dialog).await.unwrap(), "dialog");
+    assert_eq!(b.label(&dialog).await.unwrap(), "Manage Credits: ws-a");
     choose(b, "Source workspace", "primary (10000 available)").await;
     fill(b, "Amount", "2000").await;
     let preview = wait_text(
@@ -390,6 +404,8 @@ async fn allocate_with_manage_credits(b: &Browser, c: &Client) {
     // Keyboard only: the menu button, Enter, Enter on "Manage Credits", Tab to the amount
     // (the source is the Primary by default), type, Enter.
     let actions = control(b, "button", "Actions for ws-b").await;
+    assert_eq!(b.role(&actions).await.unwrap(), "button");
+    assert_eq!(b.property(&actions, "ariaHasPopup").await.unwrap(), "menu");
     b.send_keys(&actions, keys::ENTER).await.expect("Enter");
     let item = wait_focus(b, "Manage Credits").await;
     b.send_keys(&item, keys::ENTER).await.expect("Enter");
@@ -466,15 +482,25 @@ async fn delete_returns_credits(b: &Browser, c: &Client) {
     b.send_keys(&item, keys::ESCAPE).await.expect("Escape");
     wait_focus(b, "Actions for primary").await;
 
-    click(b, "button", "Actions for ws-b").await;
-    click(b, "[role=menuitem]", "Delete workspace").await;
+    // By keyboard: Enter opens the menu, ArrowDown moves to "Delete workspace", Enter asks for
+    // confirmation with the confirming button focused, Enter confirms.
+    let actions = control(b, "button", "Actions for ws-b").await;
+    b.send_keys(&actions, keys::ENTER).await.expect("Enter");
+    let item = wait_focus(b, "Manage Credits").await;
+    b.send_keys(&item, keys::ARROW_DOWN)
+        .await
+        .expect("ArrowDown");
+    let item = wait_focus(b, "Delete workspace").await;
+    b.send_keys(&item, keys::ENTER).await.expect("Enter");
     let dialog = open_dialog(b).await;
     let text = b.text(&dialog).await.unwrap();
     assert!(
         text.contains("3000 credits return to the Primary (primary)"),
         "{text}"
     );
-    click(b, "[role=dialog] button", "Delete workspace").await;
+    let confirm = wait_focus(b, "Delete workspace").await;
+    assert_eq!(b.role(&confirm).await.unwrap(), "button");
+    b.send_keys(&confirm, keys::ENTER).await.expect("Enter");
     wait_no_dialog(b).await;
     wait_balances(b, &[("primary", 8000), ("ws-a", 2000)]).await;
     wait_text(b, "[role=status]", "", "3000 credits returned to primary").await;

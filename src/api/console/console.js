@@ -432,18 +432,24 @@
     (budget && others ? $('manage-source') : $('manage-cancel')).focus();
   }
 
-  // The source choices: every other workspace with what it can give now. Keeps the selection.
+  // The source choices: every other workspace with what it can give now. A live refresh only
+  // rewrites the figures of the options in place, so a select the operator has open stays open
+  // and keeps its selection.
   function refreshSourceOptions(reset) {
     const select = $('manage-source');
     const keep = reset ? null : select.value;
-    select.replaceChildren();
-    for (const w of state.view.workspaces) {
-      if (w.workspace === manage.target) continue;
-      select.append(new Option(w.workspace + ' (' + w.balance + ' available)', w.workspace));
-    }
+    const others = state.view.workspaces.filter((w) => w.workspace !== manage.target);
+    const same = select.options.length === others.length &&
+      others.every((w, i) => select.options[i].value === w.workspace);
+    if (!same) select.replaceChildren(...others.map((w) => new Option(w.workspace, w.workspace)));
+    others.forEach((w, i) => {
+      const text = w.workspace + ' (' + w.balance + ' available)';
+      if (select.options[i].text !== text) select.options[i].text = text;
+    });
+    if (same && !reset) return;
     const primary = state.view.primary !== manage.target ? state.view.primary : null;
     const wanted = keep || primary;
-    if (wanted && Array.from(select.options).some((o) => o.value === wanted)) select.value = wanted;
+    if (wanted && others.some((w) => w.workspace === wanted)) select.value = wanted;
   }
 
   function showPreviewHint() {
