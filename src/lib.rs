@@ -9,7 +9,8 @@
 //! - [`store`]: the truth behind the cache, one trait; [`store::embedded`] (redb) is the default.
 //! - [`node`]: ties cache and store together: loading orgs, the settler, control-plane changes
 //!   with lease recall, reservations and idempotency.
-//! - [`api`]: the hyper server: data plane, control plane, metrics and health.
+//! - [`api`]: the hyper server: data plane, control plane, metrics and health, and the web
+//!   console's embedded files.
 //! - [`config`]: settings from file and `CREDITD_*` variables, validated before start.
 //! - [`cli`]: operator subcommands of the binary over the HTTP API.
 //! - [`metrics`]: every metric's name, type and help.

@@ -162,7 +162,7 @@ fn describe() {
     );
     describe_counter!(
         HTTP_REQUESTS,
-        "HTTP requests answered, by plane (data, control, ops) and status"
+        "HTTP requests answered, by plane (data, control, ops, console) and status"
     );
     describe_gauge!(CONNECTIONS_OPEN, "HTTP connections open");
     describe_gauge!(

@@ -294,7 +294,8 @@ fn slice_paths(pattern: &str, prefix: &str) -> Vec<String> {
         .collect()
 }
 
-/// Every route of src/api/mod.rs `route()` and src/api/control.rs `route()`.
+/// Every route of src/api/mod.rs `route()`, src/api/control.rs `route()` and
+/// src/api/console.rs `route()`.
 fn server_routes() -> Vec<Route> {
     let mut routes = Vec::new();
     let top = include_str!("../src/api/mod.rs");
@@ -319,6 +320,19 @@ fn server_routes() -> Vec<Route> {
             };
             for m in methods {
                 routes.push((m, path.clone()));
+            }
+        }
+    }
+    // The console's files have their own router, of literal paths.
+    let console = include_str!("../src/api/console.rs");
+    for (pattern, methods) in arms(console, "pub(super) async fn route(") {
+        assert!(
+            !methods.is_empty(),
+            "console route {pattern} with no method"
+        );
+        for path in pattern.split('|') {
+            for m in &methods {
+                routes.push((m.clone(), path.trim().trim_matches('"').to_string()));
             }
         }
     }
@@ -707,6 +721,26 @@ async fn every_operation_in_openapi_yaml_answers_as_documented() {
         call("GET /healthz", "/healthz", None, 200),
         call("GET /livez", "/livez", None, 200),
         call("GET /readyz", "/readyz", None, 200),
+        // The console's static files (no token needed).
+        Call {
+            token: false,
+            ..call("GET /console", "/console?org=acme", None, 308)
+        },
+        call("GET /console/", "/console/", None, 200),
+        call("GET /console/index.html", "/console/index.html", None, 200),
+        call("GET /console/console.js", "/console/console.js", None, 200),
+        call(
+            "GET /console/console.css",
+            "/console/console.css",
+            None,
+            200,
+        ),
+        call(
+            "GET /console/favicon.svg",
+            "/console/favicon.svg",
+            None,
+            200,
+        ),
     ];
 
     // Every operation of the spec is exercised, and nothing else.

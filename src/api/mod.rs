@@ -3,7 +3,9 @@
 //! - [`data`]: `/v1/debit`, `/v1/authorize`, `/v1/reservations`, `/v1/balance` (the hot path).
 //! - [`control`]: `/v1/orgs/...` behind the bearer token.
 //! - [`ops`]: `/metrics`, `/healthz`, `/livez`, `/readyz`.
+//! - [`console`]: the web console's static files under `/console/`.
 
+mod console;
 mod control;
 mod data;
 pub mod error;
@@ -73,6 +75,7 @@ enum Plane {
     Data,
     Control,
     Ops,
+    Console,
 }
 
 impl Plane {
@@ -81,6 +84,7 @@ impl Plane {
             Plane::Data => "data",
             Plane::Control => "control",
             Plane::Ops => "ops",
+            Plane::Console => "console",
         }
     }
 }
@@ -203,6 +207,8 @@ async fn route(app: &App, parts: &Parts, body: Incoming) -> (Plane, Result<Resp,
             ),
             _ => (Plane::Data, Err(ApiError::not_found())),
         }
+    } else if path == "/console" || path.starts_with("/console/") {
+        (Plane::Console, console::route(parts).await)
     } else {
         let result = match path {
             "/metrics" => only(method, &Method::GET, ops::metrics(app)).await,
@@ -339,6 +345,7 @@ fn status_label(status: StatusCode) -> &'static str {
     match status.as_u16() {
         200 => "200",
         201 => "201",
+        308 => "308",
         400 => "400",
         401 => "401",
         402 => "402",
