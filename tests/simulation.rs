@@ -1202,7 +1202,7 @@ fn check_periods(world: &Shared, seen: &Seen, rollbacks: u32) -> Result<(), Stri
     }
     for (k, (start, mode, at_start)) in periods.iter().enumerate() {
         let end = periods.get(k + 1).map(|p| p.0);
-        let within = |t: Instant| t >= *start && end.is_none_or(|e| t < e);
+        let within = |t: Instant| t >= *start && end.map_or(true, |e| t < e);
         // What arrived during the period: every increase a change made.
         let mut given: BTreeMap<String, u64> = at_start
             .workspaces

@@ -117,7 +117,7 @@ fn line(mut b: SettleBatch, workspace: &str, spender: &str, c: [u64; 4]) -> Sett
 /// Applies a batch that must succeed, and checks conservation and the API's view identity.
 fn settle(r: &mut OrgRecord, b: &SettleBatch) -> (SettleReply, Vec<LedgerEvent>) {
     let out = r
-        .settle(&current(&r, b), 1_000, PriorLife::CountAsConsumed)
+        .settle(&current(r, b), 1_000, PriorLife::CountAsConsumed)
         .expect("batch applies");
     assert_conserved(r);
     out
@@ -599,7 +599,7 @@ fn settle_refuses_a_batch_from_a_stale_epoch() {
     settle(&mut r, &want(batch("n1", 2, 1), "ws-a", 100));
     let stale = line(batch("n1", 1, 7), "ws-a", "ws-a", [10, 0, 0, 0]);
     let err = refused(&mut r, |r| {
-        r.settle(&current(&r, &stale), 1, PriorLife::CountAsConsumed)
+        r.settle(&current(r, &stale), 1, PriorLife::CountAsConsumed)
     });
     assert_eq!(
         err,
@@ -1106,7 +1106,7 @@ fn settle_overflow_is_refused_and_changes_nothing() {
     settle(&mut r, &want(batch("n1", 1, 1), PRIMARY, u64::MAX));
     let b = line(batch("n1", 1, 2), PRIMARY, PRIMARY, [u64::MAX, 1, 0, 0]);
     let err = refused(&mut r, |r| {
-        r.settle(&current(&r, &b), 0, PriorLife::CountAsConsumed)
+        r.settle(&current(r, &b), 0, PriorLife::CountAsConsumed)
     });
     assert_eq!(err, RuleError::Overflow);
 }
