@@ -681,6 +681,12 @@ impl OrgRecord {
     ) -> Result<(), RuleError> {
         let mut sums: BTreeMap<(u8, &WorkspaceId), (u128, u128)> = BTreeMap::new();
         for line in &batch.lines {
+            // A line whose amounts do not even add up in a u64 is refused outright.
+            add(line.consumed, line.reserved)?;
+            add(line.committed, line.released)?;
+            add(line.consumed, line.committed)?;
+        }
+        for line in &batch.lines {
             let (c, d) = sums.entry((0, &line.spender)).or_default();
             *c += line.released as u128;
             *d += line.consumed as u128 + line.reserved as u128;
