@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::settle::Wants;
-use super::{Node, NodeError, OrgSlot, Pause, ADMIN_WAIT_MAX, RECALL_ATTEMPTS_MAX};
+use super::{Node, NodeError, OrgSlot, Pause, ADMIN_WAIT_MAX, RECALL_ATTEMPTS_MAX, RECALL_REPEAT};
 use crate::metrics as m;
 use crate::model::{Amount, Mode, NodeId, OrgId, OrgRecord, OrgView, RuleError, WorkspaceId};
 use crate::store::{AdminOp, AdminOutcome, IdempotencyKey, LedgerPage, Notice, StoreError};
@@ -171,8 +171,9 @@ impl Node {
                 {
                     // Our own leases are back; what is still out is held by other nodes (or by
                     // debits of ours that were past their check): ask everyone, then retry.
-                    if recalling.is_none() {
-                        recalling = Some(self.announce_recall(slot, cancel.clone()).await);
+                    match &recalling {
+                        None => recalling = Some(self.announce_recall(slot, cancel.clone()).await),
+                        Some(recall) => self.repeat_recall(recall, cancel.clone()).await,
                     }
                     let pause = if attempt < RECALL_ATTEMPTS_MAX { 1 } else { 10 };
                     tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
@@ -204,7 +205,33 @@ impl Node {
             cancel,
         })
         .await;
-        RecallGuard { slot, id }
+        RecallGuard {
+            slot,
+            id,
+            announced: parking_lot::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Announces a recall again, under the same id, if `RECALL_REPEAT` passed since it was.
+    pub(crate) async fn repeat_recall(
+        &self,
+        recall: &RecallGuard<'_>,
+        cancel: Option<WorkspaceId>,
+    ) {
+        {
+            let mut announced = recall.announced.lock();
+            if announced.elapsed() < RECALL_REPEAT {
+                return;
+            }
+            *announced = tokio::time::Instant::now();
+        }
+        self.announce(Notice::Recall {
+            org: recall.slot.org.clone(),
+            from: Some(self.node_id.clone()),
+            id: recall.id,
+            cancel,
+        })
+        .await;
     }
 
     /// Tells the other nodes that this recall is over, so they lease again.
@@ -354,6 +381,8 @@ impl Node {
 pub(crate) struct RecallGuard<'a> {
     slot: &'a OrgSlot,
     pub id: u64,
+    /// When it was last announced.
+    announced: parking_lot::Mutex<tokio::time::Instant>,
 }
 
 impl Drop for RecallGuard<'_> {

@@ -295,6 +295,7 @@ impl Node {
             let recall = self.announce_recall(&slot, None).await;
             while debit == Debit::AskStore && account.pool.others() > 0 && !slot.is_stale() {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                self.repeat_recall(&recall, None).await;
                 self.settle_slots(&[Arc::clone(&slot)], wants(&account))
                     .await?;
                 debit = account.debit(amount.get(), reserve);

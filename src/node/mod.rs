@@ -34,6 +34,10 @@ pub const ADMIN_WAIT_MAX: Duration = Duration::from_secs(30);
 /// back from debits that were already past their check when the recall began.
 pub const RECALL_ATTEMPTS_MAX: usize = 5;
 
+/// How often a recall still waiting is announced again: a notice may be lost, and a node that
+/// was recalling itself when it heard it (with priority) gives back only when asked again.
+pub const RECALL_REPEAT: Duration = Duration::from_millis(100);
+
 /// How long a node answers `unknown_org` from memory after the store said so. An org created
 /// through another node becomes visible here within this time.
 pub const UNKNOWN_ORG_TTL: Duration = Duration::from_secs(1);
