@@ -765,9 +765,13 @@ struct Plan {
     freeze: u64,
     crash: u64,
     rollback: u64,
+    /// Mode switches and freezes several times as often: a node frozen with the Primary's
+    /// lease while the org moves to budget mode is the interleaving of issue #11's first case.
+    storm: bool,
 }
 
 fn plan(rng: &mut Rng) -> Plan {
+    let storm = rng.chance(300);
     let harsh = rng.chance(500);
     let faults = if harsh {
         Faults {
@@ -796,9 +800,16 @@ fn plan(rng: &mut Rng) -> Plan {
         },
         purchased: 200 + rng.below(2_000),
         faults,
-        freeze: if rng.chance(400) { 15 } else { 0 },
+        freeze: if storm {
+            40
+        } else if rng.chance(400) {
+            15
+        } else {
+            0
+        },
         crash: if rng.chance(300) { 8 } else { 0 },
         rollback: if rng.chance(150) { 8 } else { 0 },
+        storm,
     }
 }
 
@@ -958,7 +969,12 @@ async fn simulate(seed: u64, world: &Shared) -> Result<Outcome, String> {
             }
         } else if roll < 800 {
             // A control-plane change.
-            let op = match rng.below(6) {
+            let pick = if plan.storm && rng.chance(600) {
+                3
+            } else {
+                rng.below(6)
+            };
+            let op = match pick {
                 0 => AdminOp::Purchase {
                     amount: amount(1 + rng.below(100)),
                 },

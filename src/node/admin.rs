@@ -16,7 +16,7 @@ use std::sync::Arc;
 use super::settle::Wants;
 use super::{Node, NodeError, OrgSlot, Pause, ADMIN_WAIT_MAX, RECALL_ATTEMPTS_MAX, RECALL_REPEAT};
 use crate::metrics as m;
-use crate::model::{Amount, Mode, NodeId, OrgId, OrgRecord, OrgView, RuleError, WorkspaceId};
+use crate::model::{Amount, Mode, OrgId, OrgRecord, OrgView, RuleError, WorkspaceId};
 use crate::store::{AdminOp, AdminOutcome, IdempotencyKey, LedgerPage, Notice, StoreError};
 
 impl Node {
@@ -301,7 +301,7 @@ impl Node {
                 // Only a newer version than the state's says something: an older notice may
                 // arrive late. (A settle reply says when the store went back.)
                 if version > slot.current().version {
-                    slot.seen_version.fetch_max(version, Ordering::AcqRel);
+                    slot.notified_version.fetch_max(version, Ordering::AcqRel);
                     let node = Arc::clone(&self);
                     tokio::spawn(async move {
                         if let Ok(_admin) = slot.admin.try_lock() {
@@ -330,27 +330,23 @@ impl Node {
                 if busy && from.as_ref().is_some_and(|f| *f > self.node_id) {
                     return;
                 }
+                // The pause starts now, before this notice stream goes on: the recall's
+                // `Resume` may be next, and must find it.
+                let until = tokio::time::Instant::now() + self.options.recall_wait_max;
+                slot.pauses.lock().push(Pause { from, id, until });
                 let node = Arc::clone(&self);
-                tokio::spawn(async move { node.give_back(&slot, from, id, cancel).await });
+                tokio::spawn(async move { node.give_back(&slot, cancel).await });
             }
         }
     }
 
     /// Answers another node's recall: settle and return every lease of the org (and release
-    /// reservations of a workspace being deleted), then take no new lease until that recall
-    /// resumes, at most `recall_wait_max`: otherwise this node's own debits would lease the
-    /// credits again and the recall would never converge under load. Debits that need a
+    /// reservations of a workspace being deleted). The caller has paused leasing until that
+    /// recall resumes, at most `recall_wait_max`: otherwise this node's own debits would lease
+    /// the credits again and the recall would never converge under load. Debits that need a
     /// lease meanwhile ask for just what they need. It takes the settle stream, not the admin
     /// lock: the node may be recalling itself.
-    async fn give_back(
-        &self,
-        slot: &Arc<OrgSlot>,
-        from: Option<NodeId>,
-        id: u64,
-        cancel: Option<WorkspaceId>,
-    ) {
-        let until = tokio::time::Instant::now() + self.options.recall_wait_max;
-        slot.pauses.lock().push(Pause { from, id, until });
+    async fn give_back(&self, slot: &Arc<OrgSlot>, cancel: Option<WorkspaceId>) {
         if let Some(ws) = cancel {
             self.release_reservations_of(&slot.org, &ws);
         }

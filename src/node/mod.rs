@@ -262,6 +262,9 @@ pub(crate) struct OrgSlot {
     /// different from the state's means the org changed (or the store lost writes), and the
     /// next round rebuilds it.
     pub seen_version: AtomicU64,
+    /// The newest version a `Changed` notice announced. Kept apart from `seen_version`, which
+    /// a rebuild from an older read would otherwise overwrite: the notice would be lost.
+    pub notified_version: AtomicU64,
     /// Recalls of this node in progress: while any is, recalls from nodes with a higher id
     /// wait for it (two nodes recalling each other would otherwise both wait until timeout).
     pub recalling: AtomicUsize,
@@ -286,7 +289,9 @@ impl OrgSlot {
 
     /// True when the store answered another version of the org than the state's.
     pub fn is_stale(&self) -> bool {
-        self.seen_version.load(Ordering::Acquire) != self.current().version
+        let current = self.current().version;
+        self.seen_version.load(Ordering::Acquire) != current
+            || self.notified_version.load(Ordering::Acquire) > current
     }
 }
 
@@ -453,6 +458,7 @@ impl Node {
             admin: tokio::sync::Mutex::new(()),
             settle: tokio::sync::Mutex::new(SettleStream::default()),
             seen_version: AtomicU64::new(record.version),
+            notified_version: AtomicU64::new(0),
             recalling: AtomicUsize::new(0),
             pauses: Mutex::new(Vec::new()),
             pending_usage: AtomicU64::new(0),

@@ -384,8 +384,11 @@ impl Node {
             pool.set_others(others(&pool.spender));
             pool.set_store_left(left);
         }
-        // Another version means the org changed (or the store forgot a change): rebuild.
+        // Another version means the org changed (or the store forgot a change): rebuild. The
+        // store's answer also outranks notices of versions it no longer has.
         slot.seen_version.store(record.version, Ordering::Release);
+        slot.notified_version
+            .fetch_min(record.version, Ordering::AcqRel);
     }
 
     /// Drops, without giving them back, every lease and reservation this node holds of the
