@@ -260,8 +260,19 @@ fn take_only(c: &mut Criterion) {
         *balance -= amount;
         *balance
     };
+    // A pool of a cluster node: its lease term is finite, so every take reads the clock.
+    let termed = Pool::new(WorkspaceId::parse(WS_A, "workspace").unwrap());
+    termed.give(HUGE_LEASE);
+    termed.set_store_left(0);
+    termed.set_valid_until(u64::MAX - 1);
     let mut g = c.benchmark_group("take-only/1-thread");
     g.bench_function("Pool::take", |b| b.iter(|| take(black_box(1))));
+    g.bench_function("Pool::take-with-term", |b| {
+        b.iter(|| match termed.take(black_box(1)) {
+            Take::Taken { remaining } => remaining,
+            other => panic!("take refused: {other:?}"),
+        })
+    });
     g.bench_function("mutex-u64", |b| b.iter(|| subtract(black_box(1))));
     g.finish();
     let mut g = c.benchmark_group("take-only/2-threads-same");
