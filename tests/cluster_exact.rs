@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{assert_conserved, balance, workspace, Client, Process};
+use common::{assert_conserved, balance, eventually, workspace, Client, Process};
 use serde_json::{json, Value};
 use support::redis::RedisServer;
 
@@ -190,22 +190,6 @@ fn new_counts(n: usize) -> Arc<Vec<Counts>> {
 
 fn total_allowed(counts: &[Counts]) -> u64 {
     counts.iter().map(Counts::allowed).sum()
-}
-
-/// Polls `check` until it holds; fails the test with `what` after `limit`.
-async fn until<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Polls the org view on `c` until `used` equals `want`; returns the last view and whether it
@@ -469,7 +453,7 @@ async fn mode_flapping_under_load_never_lets_a_workspace_spend_without_a_budget(
             async move { ok }
         }
     };
-    until(
+    eventually(
         Duration::from_secs(30),
         "B and C spend in shared mode",
         flowing([0, 0], 20),
@@ -484,7 +468,7 @@ async fn mode_flapping_under_load_never_lets_a_workspace_spend_without_a_budget(
         switch_mode(a, "budget").await;
         let since = [counts[1].refused(), counts[2].refused()];
         let counts2 = Arc::clone(&counts);
-        until(
+        eventually(
             Duration::from_secs(30),
             "B and C refuse in budget mode",
             move || {
@@ -495,7 +479,7 @@ async fn mode_flapping_under_load_never_lets_a_workspace_spend_without_a_budget(
         .await;
         switch_mode(a, "shared").await;
         let since = [counts[1].allowed(), counts[2].allowed()];
-        until(
+        eventually(
             Duration::from_secs(30),
             "B and C spend again in shared mode",
             flowing(since, 20),
@@ -551,7 +535,7 @@ async fn a_node_frozen_past_lease_ttl_strands_nothing_and_loses_no_usage() {
             counts[1].allowed.fetch_add(1, Ordering::Relaxed);
         }
     }
-    until(
+    eventually(
         Duration::from_secs(10),
         "B holds a lease",
         move || async move { metric_of(b, "creditd_leased_credits").await > 0.0 },
@@ -567,7 +551,7 @@ async fn a_node_frozen_past_lease_ttl_strands_nothing_and_loses_no_usage() {
             .collect(),
         None,
     );
-    until(
+    eventually(
         Duration::from_secs(30),
         "B's leases expired (lease_expired in the ledger)",
         move || async move {
@@ -602,7 +586,7 @@ async fn a_node_frozen_past_lease_ttl_strands_nothing_and_loses_no_usage() {
     };
     b_burst(60).await;
     let batches = metric_of(b, "creditd_settle_batches_total").await;
-    until(
+    eventually(
         Duration::from_secs(10),
         "B settles after its pause",
         move || async move { metric_of(b, "creditd_settle_batches_total").await >= batches + 2.0 },
@@ -763,7 +747,7 @@ async fn a_redis_restarted_from_older_data_overspends_at_most_what_the_lost_writ
 
     // Spend a little, then snapshot the store: S.
     let load = Load::start(&counts, targets(&procs), pace);
-    until(
+    eventually(
         Duration::from_secs(30),
         "some spending before the snapshot",
         || {
@@ -786,7 +770,7 @@ async fn a_redis_restarted_from_older_data_overspends_at_most_what_the_lost_writ
     load.finish().await;
     let load = Load::start(&counts, targets(&procs), pace);
     let b = procs[1].client.clone();
-    until(
+    eventually(
         Duration::from_secs(90),
         "node-1's new life settles 150 batches",
         || {
@@ -800,7 +784,7 @@ async fn a_redis_restarted_from_older_data_overspends_at_most_what_the_lost_writ
     // unsettled usage.
     for p in &procs {
         let c = p.client.clone();
-        until(
+        eventually(
             Duration::from_secs(20),
             "usage settled before T",
             move || {
@@ -852,7 +836,7 @@ async fn a_redis_restarted_from_older_data_overspends_at_most_what_the_lost_writ
     for (i, p) in procs.iter().enumerate() {
         let c = p.client.clone();
         let before = metric_of(&c, "creditd_settle_batches_total").await;
-        until(
+        eventually(
             Duration::from_secs(10),
             &format!("node-{i} settles again after the restore"),
             move || {
@@ -877,7 +861,7 @@ async fn a_redis_restarted_from_older_data_overspends_at_most_what_the_lost_writ
         }
     }
     let before = metric_of(&b, "creditd_settle_batches_total").await;
-    until(
+    eventually(
         Duration::from_secs(10),
         "node-1 settles after spending",
         move || {
@@ -900,7 +884,7 @@ async fn a_redis_restarted_from_older_data_overspends_at_most_what_the_lost_writ
     for (i, p) in procs.iter().enumerate() {
         let c = p.client.clone();
         let counts = Arc::clone(&counts);
-        until(
+        eventually(
             Duration::from_secs(10),
             &format!("node-{i} allows a debit after the restore"),
             move || {
@@ -964,7 +948,7 @@ async fn a_recreated_workspace_receives_nothing_of_its_namesakes_reservations() 
     // B reserves twice from ws-x; the store records what B holds.
     let r1 = b.reserve(ORG, "ws-x", 100, 600_000).await;
     let r2 = b.reserve(ORG, "ws-x", 50, 600_000).await;
-    until(
+    eventually(
         Duration::from_secs(10),
         "B's reservations settled",
         move || async move { n(&workspace(&b.org(ORG).await, "ws-x")["held"]) == 150 },
@@ -978,7 +962,7 @@ async fn a_recreated_workspace_receives_nothing_of_its_namesakes_reservations() 
     let t = a.transfer(ORG, "primary", "ws-x", 500).await;
     assert_eq!(t.status, 200, "transfer: {}", t.text);
     // B knows the new ws-x (its org was rebuilt).
-    until(
+    eventually(
         Duration::from_secs(10),
         "B sees the new ws-x",
         move || async move {
@@ -1096,7 +1080,7 @@ async fn two_nodes_recalling_the_same_org_at_once_both_succeed() {
         }
         // Settled everywhere: the view's balances are then exact.
         let want_used = 3 * round;
-        until(
+        eventually(
             Duration::from_secs(10),
             "the debits of ws-a and ws-b settled",
             move || async move {

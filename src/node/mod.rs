@@ -351,7 +351,10 @@ impl Node {
             node_id,
             epoch: AtomicU64::new(start.epoch),
             life_lost: AtomicBool::new(false),
-            recall_ids: AtomicU64::new(0),
+            // Ids of this life's recalls start above every earlier life's (an epoch is at
+            // least the start time in ms, and no life makes 2^20 recalls a millisecond), so a
+            // late Resume of a dead life lifts nothing.
+            recall_ids: AtomicU64::new(start.epoch.saturating_mul(1 << 20)),
             options,
             cache: Cache::new(),
             orgs: DashMap::new(),

@@ -418,23 +418,25 @@ local function home_of(st, spender)
   return spender_of(st, spender) or st.primary
 end
 
--- Credits of `ws` leased to all nodes.
-local function leased(st, ws)
+-- Credits of `ws` in one kind of node holding (`leases` or `held`), summed over all nodes.
+local function on_nodes(st, kind, ws)
   local total = 0
   for _, share in pairs(st.nodes) do
-    total = total + (share.leases[ws] or 0)
+    total = total + (share[kind][ws] or 0)
   end
   return total
 end
 
--- Credits of `ws` held by open reservations on all nodes.
-local function held(st, ws)
-  local total = 0
-  for _, share in pairs(st.nodes) do
-    total = total + (share.held[ws] or 0)
-  end
-  return total
+-- Credits of `ws` leased to all nodes (OrgRecord::leased).
+local function leased(st, ws)
+  return on_nodes(st, 'leases', ws)
 end
+
+-- Credits of `ws` held by open reservations on all nodes (OrgRecord::held).
+local function held(st, ws)
+  return on_nodes(st, 'held', ws)
+end
+
 
 -- Credits leased to all nodes, by workspace: one pass over every lease.
 local function leased_by_ws(st)
