@@ -755,6 +755,15 @@ impl OrgRecord {
             *have = add(*have, n)?;
             Ok(())
         }
+        // Ends up to `wanted` of a reservation: held by workspace and by spender alike.
+        fn take_held(share: &mut NodeShare, line: &UsageLine, wanted: u64) -> u64 {
+            let held = share.held.get(&line.workspace).copied().unwrap_or(0);
+            let from = share.held_from.get(&line.spender).copied().unwrap_or(0);
+            let taken = wanted.min(held.min(from));
+            take(&mut share.held, &line.workspace, taken);
+            take(&mut share.held_from, &line.spender, taken);
+            taken
+        }
         let mut backed = vec![0u64; batch.lines.len()];
         for line in &batch.lines {
             let n = take(&mut share.leases, &line.spender, line.reserved);
@@ -762,18 +771,9 @@ impl OrgRecord {
             put(&mut share.held_from, &line.spender, n)?;
         }
         for (i, line) in batch.lines.iter().enumerate() {
-            let held = share.held.get(&line.workspace).copied().unwrap_or(0);
-            let from = share.held_from.get(&line.spender).copied().unwrap_or(0);
-            let released = line.released.min(held.min(from));
-            take(&mut share.held, &line.workspace, released);
-            take(&mut share.held_from, &line.spender, released);
+            let released = take_held(share, line, line.released);
             put(&mut share.leases, &line.spender, released)?;
-            let held = share.held.get(&line.workspace).copied().unwrap_or(0);
-            let from = share.held_from.get(&line.spender).copied().unwrap_or(0);
-            let committed = line.committed.min(held.min(from));
-            take(&mut share.held, &line.workspace, committed);
-            take(&mut share.held_from, &line.spender, committed);
-            backed[i] = committed;
+            backed[i] = take_held(share, line, line.committed);
         }
         for (i, line) in batch.lines.iter().enumerate() {
             backed[i] += take(&mut share.leases, &line.spender, line.consumed);
@@ -879,10 +879,7 @@ impl OrgRecord {
         }
         if prior_life == PriorLife::CountAsConsumed {
             for (ws, held) in &share.held {
-                match next.workspaces.get_mut(ws) {
-                    Some(w) => w.used = add(w.used, *held)?,
-                    None => next.used_deleted = add(next.used_deleted, *held)?,
-                }
+                next.add_used(ws, *held)?;
                 events.push(LedgerEvent::LeaseExpired {
                     node: node.clone(),
                     workspace: ws.clone(),
@@ -903,10 +900,7 @@ impl OrgRecord {
                     });
                 }
                 PriorLife::CountAsConsumed => {
-                    match next.workspaces.get_mut(&spender) {
-                        Some(w) => w.used = add(w.used, amount)?,
-                        None => next.used_deleted = add(next.used_deleted, amount)?,
-                    }
+                    next.add_used(&spender, amount)?;
                     events.push(LedgerEvent::LeaseExpired {
                         node: node.clone(),
                         workspace: spender,

@@ -498,7 +498,7 @@ impl Node {
     }
 
     fn update_gauges(&self) {
-        let (mut leased, mut blocked, mut unsettled) = (0u64, 0u64, 0u64);
+        let (mut leased, mut blocked) = (0u64, 0u64);
         for slot in self.orgs.iter() {
             let state = slot.current();
             for pool in &state.pools {
@@ -507,10 +507,8 @@ impl Node {
                     .saturating_add(pool.reserve());
                 blocked += pool.is_blocked() as u64;
             }
-            for account in &state.accounts {
-                unsettled = unsettled.saturating_add(account.unsettled());
-            }
         }
+        let unsettled = self.unsettled_credits();
         metrics::gauge!(m::LEASED_CREDITS).set(leased as f64);
         metrics::gauge!(m::BLOCKED_SPENDERS).set(blocked as f64);
         metrics::gauge!(m::UNSETTLED_CREDITS).set(unsettled as f64);
