@@ -117,6 +117,7 @@ fn idempotency_key(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CreateOrgBody {
     org: String,
     #[serde(default)]
@@ -136,6 +137,7 @@ async fn create_org(app: &App, parts: &Parts, body: Incoming) -> Result<Resp, Ap
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ModeBody {
     mode: String,
 }
@@ -151,6 +153,7 @@ async fn set_mode(app: &App, parts: &Parts, body: Incoming, org: OrgId) -> Resul
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CreditsBody {
     amount: u64,
     #[serde(default)]
@@ -170,6 +173,7 @@ async fn purchase(app: &App, parts: &Parts, body: Incoming, org: OrgId) -> Resul
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct WorkspaceBody {
     workspace: String,
 }
@@ -207,6 +211,7 @@ async fn delete_workspace(app: &App, org: OrgId, ws: WorkspaceId) -> Result<Resp
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TransferBody {
     from: String,
     to: String,

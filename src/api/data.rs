@@ -80,6 +80,7 @@ fn check_amount(n: u64, field: &str) -> Result<Amount, ApiError> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DebitBody<'a> {
     #[serde(borrow)]
     org: Cow<'a, str>,
@@ -232,6 +233,7 @@ async fn authorize_inner(app: &App, parts: &Parts) -> Result<Decision, ApiError>
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ReserveBody<'a> {
     #[serde(borrow)]
     org: Cow<'a, str>,
@@ -304,6 +306,7 @@ async fn reserve_inner(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CommitBody {
     amount: u64,
 }
