@@ -40,10 +40,71 @@ pub const DEFAULT_RECALL_WAIT_MAX: Duration = Duration::from_secs(2);
 pub const DEFAULT_OUTAGE_RESERVE_CREDITS: u64 = 0;
 pub const DEFAULT_REDIS_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// API.md: the connection limit is at least 1,024 by default.
+/// The contract: the connection limit is at least 1,024 by default.
 const _: () = assert!(DEFAULT_CONNECTIONS_MAX >= 1024);
 const _: () =
     assert!(DEFAULT_RESERVATION_TTL.as_millis() <= DEFAULT_RESERVATION_TTL_MAX.as_millis());
+
+/// The accepted range of every bounded setting: one definition each, checked by
+/// [`Config::validate`] before anything starts, and quoted in its refusal.
+pub mod bounds {
+    use std::ops::RangeInclusive;
+    use std::time::Duration;
+
+    const fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+    const SECOND: u64 = 1000;
+    const MINUTE: u64 = 60 * SECOND;
+    const HOUR: u64 = 60 * MINUTE;
+    const DAY: u64 = 24 * HOUR;
+
+    pub const SETTLE_INTERVAL: RangeInclusive<Duration> = ms(10)..=ms(HOUR);
+    pub const LEASE_WAIT_MAX: RangeInclusive<Duration> = ms(1)..=ms(MINUTE);
+    /// Also more than twice `settle_interval`.
+    pub const LEASE_TTL: RangeInclusive<Duration> = ms(1)..=ms(DAY);
+    pub const LEASE_HORIZON: RangeInclusive<Duration> = ms(1)..=ms(HOUR);
+    pub const RECALL_WAIT_MAX: RangeInclusive<Duration> = ms(1)..=ms(MINUTE);
+    pub const IDEMPOTENCY_TTL: RangeInclusive<Duration> = ms(SECOND)..=ms(30 * DAY);
+    /// Both `reservation_ttl` and `reservation_ttl_max`.
+    pub const RESERVATION_TTL: RangeInclusive<Duration> = ms(1)..=ms(7 * DAY);
+    pub const HEADER_READ_TIMEOUT: RangeInclusive<Duration> = ms(1)..=ms(10 * MINUTE);
+    pub const SHUTDOWN_GRACE: RangeInclusive<Duration> = ms(0)..=ms(10 * MINUTE);
+    pub const REDIS_CALL_TIMEOUT: RangeInclusive<Duration> = ms(1)..=ms(MINUTE);
+
+    pub const LEASE_SHARE_MAX_PERCENT: RangeInclusive<u64> = 1..=100;
+    pub const OUTAGE_RESERVE_CREDITS: RangeInclusive<u64> = 0..=crate::model::AMOUNT_MAX;
+    pub const BODY_BYTES_MAX: RangeInclusive<u64> = 1..=16 * 1024 * 1024;
+    pub const ACCOUNTS_MAX: RangeInclusive<u64> = 1..=100_000_000;
+    pub const WORKSPACES_MAX: RangeInclusive<u64> = 1..=1_000_000;
+    pub const IDEMPOTENCY_KEYS_MAX: RangeInclusive<u64> = 1..=100_000_000;
+    pub const RESERVATIONS_MAX: RangeInclusive<u64> = 1..=10_000_000;
+    /// Open connections; each holds a file descriptor, so far below what the semaphore could
+    /// count (a larger number once panicked inside the accept loop).
+    pub const CONNECTIONS_MAX: RangeInclusive<u64> = 1..=1_048_576;
+    pub const LEDGER_PAGE_MAX: RangeInclusive<u64> = 1..=100_000;
+    pub const SETTLE_BATCH_ORGS_MAX: RangeInclusive<u64> = 1..=100_000;
+    pub const AUTHORIZE_DENY_STATUS: [u16; 3] = [402, 403, 429];
+
+    /// "`key`: must be from 10ms to 1h", in the units a person would write.
+    pub(super) fn duration_refusal(key: &str, range: &RangeInclusive<Duration>) -> String {
+        format!(
+            "{key}: must be from {} to {}",
+            human(*range.start()),
+            human(*range.end())
+        )
+    }
+
+    fn human(d: Duration) -> String {
+        let n = d.as_millis() as u64;
+        for (unit, size) in [("d", DAY), ("h", HOUR), ("m", MINUTE), ("s", SECOND)] {
+            if n >= size && n % size == 0 {
+                return format!("{}{unit}", n / size);
+            }
+        }
+        format!("{n}ms")
+    }
+}
 
 /// Which store keeps the truth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -348,7 +409,7 @@ impl Config {
         config.validate()
     }
 
-    /// Checks values that parse but make no sense.
+    /// Checks values that parse but make no sense, against the bounds in [`bounds`].
     pub fn validate(self) -> Result<Config, ConfigError> {
         let mut errors = Vec::new();
         let mut check = |ok: bool, msg: String| {
@@ -356,96 +417,131 @@ impl Config {
                 errors.push(msg)
             }
         };
-        let ms = |d: Duration| d.as_millis();
-        check(
-            (10..=3_600_000).contains(&ms(self.settle_interval)),
-            "settle_interval: must be from 10ms to 1h".into(),
-        );
-        check(
-            (1..=60_000).contains(&ms(self.lease_wait_max)),
-            "lease_wait_max: must be from 1ms to 60s".into(),
-        );
+        for (key, value, range) in [
+            (
+                "settle_interval",
+                self.settle_interval,
+                bounds::SETTLE_INTERVAL,
+            ),
+            (
+                "lease_wait_max",
+                self.lease_wait_max,
+                bounds::LEASE_WAIT_MAX,
+            ),
+            ("lease_ttl", self.lease_ttl, bounds::LEASE_TTL),
+            ("lease_horizon", self.lease_horizon, bounds::LEASE_HORIZON),
+            (
+                "recall_wait_max",
+                self.recall_wait_max,
+                bounds::RECALL_WAIT_MAX,
+            ),
+            (
+                "idempotency_ttl",
+                self.idempotency_ttl,
+                bounds::IDEMPOTENCY_TTL,
+            ),
+            (
+                "reservation_ttl_max",
+                self.reservation_ttl_max,
+                bounds::RESERVATION_TTL,
+            ),
+            (
+                "header_read_timeout",
+                self.header_read_timeout,
+                bounds::HEADER_READ_TIMEOUT,
+            ),
+            (
+                "shutdown_grace",
+                self.shutdown_grace,
+                bounds::SHUTDOWN_GRACE,
+            ),
+            (
+                "redis_call_timeout",
+                self.redis_call_timeout,
+                bounds::REDIS_CALL_TIMEOUT,
+            ),
+        ] {
+            check(
+                range.contains(&value),
+                bounds::duration_refusal(key, &range),
+            );
+        }
+        for (key, value, range) in [
+            (
+                "lease_share_max_percent",
+                self.lease_share_max_percent,
+                bounds::LEASE_SHARE_MAX_PERCENT,
+            ),
+            (
+                "outage_reserve_credits",
+                self.outage_reserve_credits,
+                bounds::OUTAGE_RESERVE_CREDITS,
+            ),
+            (
+                "body_bytes_max",
+                self.body_bytes_max as u64,
+                bounds::BODY_BYTES_MAX,
+            ),
+            (
+                "accounts_max",
+                self.accounts_max as u64,
+                bounds::ACCOUNTS_MAX,
+            ),
+            (
+                "workspaces_max",
+                self.workspaces_max as u64,
+                bounds::WORKSPACES_MAX,
+            ),
+            (
+                "idempotency_keys_max",
+                self.idempotency_keys_max as u64,
+                bounds::IDEMPOTENCY_KEYS_MAX,
+            ),
+            (
+                "reservations_max",
+                self.reservations_max as u64,
+                bounds::RESERVATIONS_MAX,
+            ),
+            (
+                "connections_max",
+                self.connections_max as u64,
+                bounds::CONNECTIONS_MAX,
+            ),
+            (
+                "ledger_page_max",
+                self.ledger_page_max as u64,
+                bounds::LEDGER_PAGE_MAX,
+            ),
+            (
+                "settle_batch_orgs_max",
+                self.settle_batch_orgs_max as u64,
+                bounds::SETTLE_BATCH_ORGS_MAX,
+            ),
+        ] {
+            check(
+                range.contains(&value),
+                format!("{key}: must be from {} to {}", range.start(), range.end()),
+            );
+        }
         check(
             self.lease_ttl > self.settle_interval * 2,
             "lease_ttl: must be more than twice settle_interval".into(),
         );
         check(
-            (1..=3_600_000).contains(&ms(self.lease_horizon)),
-            "lease_horizon: must be from 1ms to 1h".into(),
-        );
-        check(
-            (1..=100).contains(&self.lease_share_max_percent),
-            "lease_share_max_percent: must be from 1 to 100".into(),
-        );
-        check(
-            (1..=60_000).contains(&ms(self.recall_wait_max)),
-            "recall_wait_max: must be from 1ms to 60s".into(),
-        );
-        check(
-            self.outage_reserve_credits <= crate::model::AMOUNT_MAX,
-            format!(
-                "outage_reserve_credits: must be at most {}",
-                crate::model::AMOUNT_MAX
-            ),
-        );
-        check(
-            (1..=16 * 1024 * 1024).contains(&self.body_bytes_max),
-            "body_bytes_max: must be from 1 to 16777216".into(),
-        );
-        check(
-            self.accounts_max >= 1,
-            "accounts_max: must be at least 1".into(),
-        );
-        check(
-            self.workspaces_max >= 1,
-            "workspaces_max: must be at least 1".into(),
-        );
-        check(
-            self.idempotency_keys_max >= 1,
-            "idempotency_keys_max: must be at least 1".into(),
-        );
-        check(
-            ms(self.idempotency_ttl) >= 1000,
-            "idempotency_ttl: must be at least 1s".into(),
-        );
-        check(
-            self.reservations_max >= 1,
-            "reservations_max: must be at least 1".into(),
-        );
-        check(
-            ms(self.reservation_ttl) >= 1 && self.reservation_ttl <= self.reservation_ttl_max,
+            self.reservation_ttl <= self.reservation_ttl_max
+                && bounds::RESERVATION_TTL.contains(&self.reservation_ttl),
             "reservation_ttl: must be from 1ms to reservation_ttl_max".into(),
         );
         check(
-            self.connections_max >= 1,
-            "connections_max: must be at least 1".into(),
-        );
-        check(
-            (1..=600_000).contains(&ms(self.header_read_timeout)),
-            "header_read_timeout: must be from 1ms to 10m".into(),
-        );
-        check(
-            ms(self.shutdown_grace) <= 600_000,
-            "shutdown_grace: must be at most 10m".into(),
-        );
-        check(
-            matches!(self.authorize_deny_status, 402 | 403 | 429),
+            bounds::AUTHORIZE_DENY_STATUS.contains(&self.authorize_deny_status),
             format!(
                 "authorize_deny_status: must be 402, 403 or 429, not {}",
                 self.authorize_deny_status
             ),
         );
         check(
-            (1..=100_000).contains(&self.ledger_page_max),
-            "ledger_page_max: must be from 1 to 100000".into(),
-        );
-        check(
-            self.settle_batch_orgs_max >= 1,
-            "settle_batch_orgs_max: must be at least 1".into(),
-        );
-        check(
             is_valid_id(&self.node_id),
-            "node_id: must be 1 to 64 characters of A-Z a-z 0-9 . _ : -".into(),
+            format!("node_id: {}", crate::model::ID_RULE),
         );
         if let Some(token) = &self.admin_token {
             check(

@@ -848,12 +848,7 @@ async fn redis_counts_a_prior_life_as_consumed() {
 // -------------------------------------------------------------------------------------------
 
 fn settle_sha() -> String {
-    redis::Script::new(concat!(
-        include_str!("../src/store/redis/common.lua"),
-        include_str!("../src/store/redis/settle.lua")
-    ))
-    .get_hash()
-    .to_string()
+    creditd::store::redis::script_sha("redis_settle").expect("the settle script")
 }
 
 fn script_cached(server: &RedisServer, sha: &str) -> bool {

@@ -8,8 +8,8 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use super::{json, parse_json, query_param, read_body, ApiError, App, Resp};
-use crate::model::{Amount, Mode, OrgId, OrgView, WorkspaceId, AMOUNT_MAX};
+use super::{check_amount, json, parse_json, query_param, read_body, ApiError, App, Resp};
+use crate::model::{Amount, Mode, OrgId, OrgView, WorkspaceId};
 use crate::store::{AdminOp, IdempotencyKey};
 
 /// Checks the bearer token in constant time. Without a configured token nothing passes.
@@ -89,9 +89,7 @@ fn ws_id(s: &str, field: &'static str) -> Result<WorkspaceId, ApiError> {
 }
 
 fn amount(n: u64) -> Result<Amount, ApiError> {
-    Amount::new(n).ok_or_else(|| {
-        ApiError::invalid(format!("amount must be an integer from 1 to {AMOUNT_MAX}"))
-    })
+    check_amount(n, "amount")
 }
 
 fn mode(s: &str) -> Result<Mode, ApiError> {

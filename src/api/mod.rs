@@ -30,6 +30,7 @@ use tokio::sync::Semaphore;
 pub use error::ApiError;
 
 use crate::metrics as m;
+use crate::model::{Amount, InvalidInput};
 use crate::node::Node;
 
 pub type Resp = Response<Full<Bytes>>;
@@ -306,6 +307,11 @@ pub(crate) fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Resu
             None => ApiError::invalid(format!("invalid JSON body: {text}")),
         }
     })
+}
+
+/// `n` as an amount of a call (1 to `AMOUNT_MAX`), or the refusal naming `field`.
+pub(crate) fn check_amount(n: u64, field: &'static str) -> Result<Amount, ApiError> {
+    Amount::new(n).ok_or_else(|| ApiError::invalid(InvalidInput::Amount { field }.to_string()))
 }
 
 /// The value of `name` in the query string, percent-decoded.

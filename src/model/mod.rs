@@ -7,6 +7,7 @@ mod tests;
 
 pub use ids::{
     is_valid_id, Amount, InvalidInput, NodeId, OrgId, WorkspaceId, AMOUNT_MAX, ID_BYTES_MAX,
+    ID_RULE,
 };
 pub use org::{
     LedgerEvent, Mode, NodeShare, OrgRecord, OrgView, PriorLife, RuleError, SettleBatch,

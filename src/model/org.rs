@@ -249,7 +249,7 @@ pub struct SettleReply {
     pub applied: bool,
     /// Lease granted, by spender (for a retry: the grants of the first application).
     pub grants: Vec<(WorkspaceId, u64)>,
-    /// The org's change epoch after the batch.
+    /// The org's version after the batch.
     pub version: u64,
     /// True when an expiry closed the node's holdings since its previous batch: they were
     /// counted as consumed, and the node must forfeit what it still holds in memory.

@@ -273,7 +273,7 @@ impl Node {
         loop {
             let notice = match notices.recv().await {
                 Ok(n) => n,
-                // Missed notices are not lost changes: settles carry the change epoch.
+                // Missed notices are not lost changes: settles carry the org version.
                 Err(RecvError::Lagged(_)) => continue,
                 Err(RecvError::Closed) => return,
             };

@@ -34,10 +34,6 @@ const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempote
 /// Node epochs (`epoch:<node>`) and clean-stop markers (`clean:<node>`).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-/// Notices kept for a slow receiver before it skips ahead (it loses nothing: settles carry the
-/// change epoch).
-const NOTICES_BUFFERED: usize = 1024;
-
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "creditd.redb";
 
@@ -132,7 +128,7 @@ impl EmbeddedStore {
                 db,
                 orgs: Mutex::new(orgs),
                 idempotency_keys: Mutex::new(keys),
-                notices: tokio::sync::broadcast::channel(NOTICES_BUFFERED).0,
+                notices: tokio::sync::broadcast::channel(super::NOTICES_BUFFERED).0,
                 options,
             }),
         })
@@ -409,6 +405,7 @@ impl Store for EmbeddedStore {
         limit: usize,
     ) -> Result<LedgerPage, StoreError> {
         let org = org.clone();
+        let limit = limit.min(super::LEDGER_PAGE_MAX);
         self.blocking(move |inner| {
             if !inner.orgs.lock().contains_key(&org) {
                 return Err(StoreError::UnknownOrg(org));

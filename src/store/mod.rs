@@ -120,8 +120,16 @@ pub struct NodeStart {
     pub unclean: bool,
 }
 
+/// Notices kept for a slow receiver before it skips ahead (it loses nothing it cannot learn
+/// from the next settle).
+pub(crate) const NOTICES_BUFFERED: usize = 1024;
+
+/// Largest ledger page a store reads in one call (the most `ledger_page_max` may be); a caller
+/// asking for more gets this many and a cursor.
+pub(crate) const LEDGER_PAGE_MAX: usize = *crate::config::bounds::LEDGER_PAGE_MAX.end() as usize;
+
 /// A change announced to every node through the store (Redis pub/sub). Delivery is best effort:
-/// the change epoch returned on every settle is the guarantee, a notice only makes it faster.
+/// the org version returned on every settle is the guarantee, a notice only makes it faster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "notice", rename_all = "snake_case")]
 pub enum Notice {

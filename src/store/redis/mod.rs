@@ -75,6 +75,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
+pub use self::conn::script_sha;
 use self::conn::{store_error, Conn, Redis, Scripts};
 use self::reply::{refusal, Tokens};
 use super::{
@@ -87,9 +88,6 @@ use crate::model::{Mode, NodeId, OrgId, OrgRecord, SettleBatch, SettleReply, Wor
 /// Settle entries (lines, releases and wants) per workspace an org may have: a line per
 /// account of the current state and of a retired one, a release and a want per spender.
 const SETTLE_ENTRIES_PER_WORKSPACE: usize = 4;
-
-/// Largest ledger page read in one call; a caller asking for more gets this many and a cursor.
-const LEDGER_PAGE_MAX: usize = 100_000;
 
 /// How long the store remembers the outcome of a call that came without an idempotency key:
 /// longer than any re-send of the same command by the client (the cluster client re-sends
@@ -309,7 +307,7 @@ impl RedisStore {
             call_timeout: timeout,
         };
         Self::check_eviction(&redis, options.require_noeviction).await?;
-        let (tx, _) = broadcast::channel(notices::NOTICES_BUFFERED);
+        let (tx, _) = broadcast::channel(super::NOTICES_BUFFERED);
         let subscriber = tokio::spawn(notices::subscriber(clients, tx.clone(), timeout));
         Ok(RedisStore {
             inner: Arc::new(Inner {
@@ -691,7 +689,7 @@ impl Store for RedisStore {
         after: u64,
         limit: usize,
     ) -> Result<LedgerPage, StoreError> {
-        let limit = limit.min(LEDGER_PAGE_MAX);
+        let limit = limit.min(super::LEDGER_PAGE_MAX);
         // Far beyond any ledger, and small enough for Lua and LRANGE to read exactly.
         let after = after.min(crate::model::CREDITS_MAX / 2);
         let keys = [
