@@ -1,4 +1,4 @@
-//! Proves the data plane of API.md over real HTTP: debit, authorize (forward auth), two-phase
+//! Proves the data plane of docs/api.md over real HTTP: debit, authorize (forward auth), two-phase
 //! reservations and balance, with every answer, every error code and idempotency.
 
 mod common;

@@ -1,4 +1,4 @@
-//! Proves every limit of API.md over real HTTP: body size, ids, amounts, accounts, workspaces,
+//! Proves every limit of docs/api.md over real HTTP: body size, ids, amounts, accounts, workspaces,
 //! reservations, idempotency keys, stalled connections and ledger pages, each refused with its
 //! documented status and code, changing nothing, and counted in `/metrics`.
 

@@ -97,7 +97,7 @@ async fn seed(node: &Node, org: &str, mode: Mode, budget: u64) {
 }
 
 /// The org view once it shows `used` credits consumed: a node's view of other nodes' usage
-/// lags by about one settle interval (API.md).
+/// lags by about one settle interval (docs/api.md).
 async fn view_with_used(node: &Node, org: &str, used: u64) -> creditd::model::OrgView {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {

@@ -2,7 +2,7 @@
 //!
 //! - `healthcheck`: the container probe, against this host's configured listen port.
 //! - `org`, `credits`, `workspace`, `transfer`, `mode`, `ledger`: the control plane of
-//!   API.md, one request each, to the node named by `--url` (default `CREDITD_URL`, else
+//!   docs/api.md, one request each, to the node named by `--url` (default `CREDITD_URL`, else
 //!   `http://127.0.0.1:8787`) with the admin token of `--token` (default
 //!   `CREDITD_ADMIN_TOKEN`).
 //!
@@ -67,7 +67,7 @@ impl ModeArg {
     }
 }
 
-/// The control-plane commands (API.md, "Control plane").
+/// The control-plane commands (docs/api.md, "Control plane").
 #[derive(Debug, Subcommand)]
 pub enum Operator {
     /// Create or show an org.

@@ -2,7 +2,7 @@
 //! tokio. Both stores keep exactly this record; the embedded store calls these functions and the
 //! Redis store's Lua scripts implement the same rules (the shared test suite holds them to it).
 //!
-//! Where credits can be, for one org (rule 7 of API.md):
+//! Where credits can be, for one org (rule 7 of docs/api.md):
 //! `purchased == Σ balance + Σ leases + Σ held + used`, where
 //! - `balance` is what a workspace holds that no node has leased,
 //! - `leases` are credits handed to a node to spend locally (they still belong to the workspace

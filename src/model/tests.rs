@@ -1,4 +1,4 @@
-//! Proves each product rule of API.md (1-7) and each settle/close rule of DESIGN.md on the pure
+//! Proves each product rule of docs/api.md (1-7) and each settle/close rule of docs/design.md on the pure
 //! model, one test per rule, including that every refused operation leaves the record unchanged.
 
 use super::*;
@@ -150,7 +150,7 @@ fn refused<T: std::fmt::Debug>(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Rules 1-7 (API.md)
+// Rules 1-7 (docs/api.md, "Product rules")
 // ---------------------------------------------------------------------------------------------
 
 #[test]
@@ -541,7 +541,7 @@ fn rule7_every_operation_conserves_credits() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Settle (DESIGN.md: leases, exactly-once, node lives)
+// Settle (docs/design.md: leases, exactly-once, node lives)
 // ---------------------------------------------------------------------------------------------
 
 #[test]

@@ -1,6 +1,6 @@
 //! The node: what sits between the API and the store. It owns the cache, loads orgs into it,
 //! runs the settler that reports usage and tops leases up, and applies control-plane changes
-//! with the recall protocol of DESIGN.md.
+//! with the recall protocol of docs/design.md.
 //!
 //! Locks per org, never held on the hot path:
 //! - `admin` (tokio mutex) serializes control-plane changes and lease refills of one org, so

@@ -4,7 +4,7 @@
 //! - [`redis`]: many nodes sharing one Redis or Redis Cluster; every change is one Lua script.
 //!
 //! The store is never called per request. The node calls it for control-plane operations and,
-//! from its settler, once per org per batch to report usage and take leases (DESIGN.md).
+//! from its settler, once per org per batch to report usage and take leases (docs/design.md).
 
 pub mod embedded;
 pub mod redis;

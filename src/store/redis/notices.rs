@@ -1,6 +1,6 @@
 //! Notices between nodes: PUBLISH on one channel, and a background task per store that keeps a
 //! subscription open (its own connection, reconnecting with bounded backoff) and feeds a
-//! broadcast channel. Delivery is best effort by design (DESIGN.md): a notice published while
+//! broadcast channel. Delivery is best effort by design (docs/design.md): a notice published while
 //! the subscription is down is lost, and the org version on every settle is the guarantee.
 
 use std::time::Duration;
