@@ -10,7 +10,7 @@ use subtle::ConstantTimeEq;
 
 use super::{check_amount, json, parse_json, query_param, read_body, ApiError, App, Resp};
 use crate::model::{Amount, Mode, OrgId, OrgView, WorkspaceId};
-use crate::store::{AdminOp, IdempotencyKey};
+use crate::store::{ControlOp, IdempotencyKey};
 
 /// Checks the bearer token in constant time. Without a configured token nothing passes.
 fn authorize(app: &App, parts: &Parts) -> Result<(), ApiError> {
@@ -143,10 +143,10 @@ struct ModeBody {
 async fn set_mode(app: &App, parts: &Parts, body: Incoming, org: OrgId) -> Result<Resp, ApiError> {
     let bytes = read_body(app, parts, body).await?;
     let req: ModeBody = parse_json(&bytes)?;
-    let op = AdminOp::SetMode {
+    let op = ControlOp::SetMode {
         mode: mode(&req.mode)?,
     };
-    let outcome = app.node.admin(org.as_str(), op, None).await?;
+    let outcome = app.node.change(org.as_str(), op, None).await?;
     Ok(json(StatusCode::OK, &outcome.view))
 }
 
@@ -165,7 +165,7 @@ async fn purchase(app: &App, parts: &Parts, body: Incoming, org: OrgId) -> Resul
     let key = idempotency_key(req.idempotency_key, "purchase", amount.get().to_string())?;
     let outcome = app
         .node
-        .admin(org.as_str(), AdminOp::Purchase { amount }, key)
+        .change(org.as_str(), ControlOp::Purchase { amount }, key)
         .await?;
     Ok(json(StatusCode::OK, &outcome.view))
 }
@@ -184,19 +184,19 @@ async fn create_workspace(
 ) -> Result<Resp, ApiError> {
     let bytes = read_body(app, parts, body).await?;
     let req: WorkspaceBody = parse_json(&bytes)?;
-    let op = AdminOp::CreateWorkspace {
+    let op = ControlOp::CreateWorkspace {
         workspace: ws_id(&req.workspace, "workspace")?,
     };
-    let outcome = app.node.admin(org.as_str(), op, None).await?;
+    let outcome = app.node.change(org.as_str(), op, None).await?;
     Ok(json(StatusCode::CREATED, &outcome.view))
 }
 
 async fn delete_workspace(app: &App, org: OrgId, ws: WorkspaceId) -> Result<Resp, ApiError> {
     let outcome = app
         .node
-        .admin(
+        .change(
             org.as_str(),
-            AdminOp::DeleteWorkspace { workspace: ws },
+            ControlOp::DeleteWorkspace { workspace: ws },
             None,
         )
         .await?;
@@ -257,12 +257,12 @@ async fn transfer(app: &App, parts: &Parts, body: Incoming, org: OrgId) -> Resul
     }
     let fingerprint = format!("{from}\u{1f}{to}\u{1f}{}", amount.get());
     let key = idempotency_key(req.idempotency_key, "transfer", fingerprint)?;
-    let op = AdminOp::Transfer {
+    let op = ControlOp::Transfer {
         from: from.clone(),
         to: to.clone(),
         amount,
     };
-    let outcome = app.node.admin(org.as_str(), op, key).await?;
+    let outcome = app.node.change(org.as_str(), op, key).await?;
     Ok(json(
         StatusCode::OK,
         &transfer_answer(&outcome.view, &from, &to, false),

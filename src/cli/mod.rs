@@ -16,11 +16,12 @@ mod render;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use hyper::Method;
 use serde_json::{json, Value};
 
 use crate::config::{Config, EXIT_CONFIG};
+use crate::model::Mode;
 pub use client::BaseUrl;
 
 /// Where the operator commands go when neither `--url` nor `CREDITD_URL` says otherwise: the
@@ -49,22 +50,11 @@ pub struct Remote {
     pub json: bool,
 }
 
-/// A credit mode, as the command line spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ModeArg {
-    /// Every workspace spends from the Primary's balance.
-    Shared,
-    /// Each workspace spends only from its own balance.
-    Budget,
-}
-
-impl ModeArg {
-    fn as_str(self) -> &'static str {
-        match self {
-            ModeArg::Shared => "shared",
-            ModeArg::Budget => "budget",
-        }
-    }
+/// A credit mode argument: the model's own names (`shared`, `budget`).
+fn mode_arg() -> impl clap::builder::TypedValueParser<Value = Mode> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(Mode::ALL.map(Mode::as_str))
+        .map(|s: String| Mode::parse(&s).expect("clap accepts only the modes' names"))
 }
 
 /// The control-plane commands (docs/api.md, "Control plane").
@@ -138,9 +128,10 @@ pub enum OrgCommand {
     Create {
         /// The org id.
         org: String,
-        /// Credit mode (the node's default: shared).
-        #[arg(long, value_enum)]
-        mode: Option<ModeArg>,
+        /// Credit mode: shared (every workspace spends from the Primary's balance) or budget
+        /// (each workspace spends only its own); the node's default: shared.
+        #[arg(long, value_parser = mode_arg())]
+        mode: Option<Mode>,
         /// Name of the Primary Workspace (the node's default: primary).
         #[arg(long)]
         primary: Option<String>,
@@ -190,8 +181,9 @@ pub enum ModeCommand {
     Set {
         /// The org id.
         org: String,
-        #[arg(value_enum)]
-        mode: ModeArg,
+        /// shared or budget.
+        #[arg(value_parser = mode_arg())]
+        mode: Mode,
     },
 }
 

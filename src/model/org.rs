@@ -30,6 +30,8 @@ pub enum Mode {
 }
 
 impl Mode {
+    pub const ALL: [Mode; 2] = [Mode::Shared, Mode::Budget];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Shared => "shared",

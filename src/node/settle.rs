@@ -173,12 +173,12 @@ impl Node {
                 None => release.push((line.spender.clone(), line.released)),
             }
         }
-        // Retired pools give everything back: nothing spends from them any more.
+        // Retired leases give everything back: nothing spends from them any more.
         for s in &retired {
-            for pool in &s.pools {
-                let r = pool.drain();
+            for lease in &s.leases {
+                let r = lease.drain();
                 if r > 0 {
-                    release.push((pool.spender.clone(), r));
+                    release.push((lease.spender.clone(), r));
                 }
             }
         }
@@ -188,36 +188,43 @@ impl Node {
             Wants::None => {}
             Wants::All if recalled => {}
             Wants::All => {
-                for pool in &state.pools {
-                    if pool.store_left() == 0 {
+                for lease in &state.leases {
+                    if lease.store_left() == 0 {
                         continue;
                     }
-                    let target = self.lease_target(pool);
-                    let short_reserve = self.options.outage_reserve.saturating_sub(pool.reserve());
+                    let target = self.lease_target(lease);
+                    let short_reserve = self
+                        .options
+                        .outage_reserve
+                        .saturating_sub(lease.outage_reserve());
                     // Refill ahead: top up below half the target, before the lease runs out;
                     // and fill the outage reserve.
-                    if pool.lease() < target / 2 + 1 || short_reserve > 0 {
+                    if lease.credits() < target / 2 + 1 || short_reserve > 0 {
                         let wanted = target
-                            .saturating_sub(pool.lease())
+                            .saturating_sub(lease.credits())
                             .saturating_add(short_reserve);
-                        want.push((pool.spender.clone(), wanted.max(1)));
+                        want.push((lease.spender.clone(), wanted.max(1)));
                     }
                 }
             }
             Wants::One(spender, at_least) => {
-                if let Some(pool) = state.pool(spender) {
-                    let target = if recalled { 0 } else { self.lease_target(pool) };
-                    want.push((pool.spender.clone(), target.max(*at_least)));
+                if let Some(lease) = state.lease(spender) {
+                    let target = if recalled {
+                        0
+                    } else {
+                        self.lease_target(lease)
+                    };
+                    want.push((lease.spender.clone(), target.max(*at_least)));
                 }
             }
             Wants::Recall => {
-                for pool in &state.pools {
+                for lease in &state.leases {
                     // Unknown first: a debit that finds the lease gone must ask the store (and
                     // wait for this change), not conclude the spender is exhausted.
-                    pool.set_store_left(STORE_LEFT_UNKNOWN);
-                    let r = pool.drain();
+                    lease.set_store_left(STORE_LEFT_UNKNOWN);
+                    let r = lease.drain();
                     if r > 0 {
-                        release.push((pool.spender.clone(), r));
+                        release.push((lease.spender.clone(), r));
                     }
                 }
             }
@@ -228,14 +235,14 @@ impl Node {
         if lines.is_empty() && release.is_empty() && want.is_empty() && !heartbeat_due {
             return None;
         }
-        // Spending rates, for lease sizes: what each pool paid for since the last batch.
-        for pool in &state.pools {
+        // Spending rates, for lease sizes: what each lease paid for since the last batch.
+        for lease in &state.leases {
             let spent: u64 = lines
                 .iter()
-                .filter(|l| l.spender == pool.spender)
+                .filter(|l| l.spender == lease.spender)
                 .map(|l| l.consumed.saturating_add(l.reserved))
                 .sum();
-            pool.observe_spending(spent, elapsed);
+            lease.observe_spending(spent, elapsed);
         }
         stream.last_batch = now;
         // One release per spender (the store bounds a batch's entries).
@@ -258,16 +265,16 @@ impl Node {
         })
     }
 
-    /// The lease a pool should hold ahead of need.
-    fn lease_target(&self, pool: &crate::cache::Pool) -> u64 {
+    /// The lease a lease should hold ahead of need.
+    fn lease_target(&self, lease: &crate::cache::Lease) -> u64 {
         match self.options.lease_policy {
             LeasePolicy::Whole => u64::MAX,
             LeasePolicy::Adaptive {
                 horizon,
                 share_max_percent,
             } => {
-                let by_rate = (pool.rate_per_s() as f64 * horizon.as_secs_f64()).ceil() as u64;
-                let left = pool.store_left();
+                let by_rate = (lease.rate_per_s() as f64 * horizon.as_secs_f64()).ceil() as u64;
+                let left = lease.store_left();
                 let cap = if left == STORE_LEFT_UNKNOWN {
                     u64::MAX
                 } else {
@@ -320,16 +327,16 @@ impl Node {
         }
         let state = slot.current();
         for (spender, granted) in &reply.grants {
-            match state.pool(spender) {
-                Some(pool) => pool.give(*granted),
+            match state.lease(spender) {
+                Some(lease) => lease.give(*granted),
                 None => {
                     // The org was rebuilt while the grant was on its way: park it in a retired
-                    // pool, whose lease the next batch gives back.
+                    // lease, whose lease the next batch gives back.
                     let retired = slot.retired.lock();
-                    match retired.iter().rev().find_map(|s| s.pool(spender)) {
-                        Some(pool) => pool.give(*granted),
+                    match retired.iter().rev().find_map(|s| s.lease(spender)) {
+                        Some(lease) => lease.give(*granted),
                         None => {
-                            tracing::error!(org = %slot.org, %spender, granted, "grant for no pool")
+                            tracing::error!(org = %slot.org, %spender, granted, "grant for no lease")
                         }
                     }
                 }
@@ -342,20 +349,20 @@ impl Node {
             if record.version != state.version {
                 // The org changed under this state: nothing more is spent from it until it is
                 // rebuilt (a debit that finds its term over asks the store, which rebuilds).
-                for pool in &state.pools {
-                    pool.set_valid_until(0);
+                for lease in &state.leases {
+                    lease.set_valid_until(0);
                 }
             } else if reply.applied {
                 let until = sent_ms.saturating_add(term.as_millis() as u64);
-                for pool in &state.pools {
-                    pool.set_valid_until(until);
+                for lease in &state.leases {
+                    lease.set_valid_until(until);
                 }
             }
         }
         // The outage reserve is filled first from what was granted (and from the lease).
         if self.options.outage_reserve > 0 {
-            for pool in &state.pools {
-                pool.fill_reserve(self.options.outage_reserve);
+            for lease in &state.leases {
+                lease.fill_outage_reserve(self.options.outage_reserve);
             }
         }
         // Other nodes' leases count only while those nodes live: a recall cannot bring back
@@ -372,17 +379,17 @@ impl Node {
                 .filter_map(|(_, n)| n.leases.get(spender))
                 .sum()
         };
-        for pool in &state.pools {
-            let left = if record.spender_of(&pool.spender) == Some(&pool.spender) {
+        for lease in &state.leases {
+            let left = if record.spender_of(&lease.spender) == Some(&lease.spender) {
                 record
                     .workspaces
-                    .get(&pool.spender)
+                    .get(&lease.spender)
                     .map_or(0, |w| w.balance)
             } else {
                 0
             };
-            pool.set_others(others(&pool.spender));
-            pool.set_store_left(left);
+            lease.set_others(others(&lease.spender));
+            lease.set_store_left(left);
         }
         // Another version means the org changed (or the store forgot a change): rebuild. The
         // store's answer also outranks notices of versions it no longer has.
@@ -398,9 +405,9 @@ impl Node {
         let retired = slot.retired.lock().clone();
         let mut dropped = 0u64;
         for s in retired.iter().chain(std::iter::once(&state)) {
-            for pool in &s.pools {
-                pool.set_store_left(STORE_LEFT_UNKNOWN);
-                dropped = dropped.saturating_add(pool.drain());
+            for lease in &s.leases {
+                lease.set_store_left(STORE_LEFT_UNKNOWN);
+                dropped = dropped.saturating_add(lease.drain());
             }
         }
         let reservations = self.drop_reservations_of(&slot.org);
@@ -450,7 +457,7 @@ impl Node {
         }
         let slots: Vec<Arc<OrgSlot>> = self.orgs.iter().map(|e| Arc::clone(e.value())).collect();
         for slot in slots.iter().filter(|s| s.is_stale()) {
-            if let Ok(_admin) = slot.admin.try_lock() {
+            if let Ok(_control) = slot.control.try_lock() {
                 if let Err(e) = self.reload(slot).await {
                     tracing::warn!(org = %slot.org, error = %e, "reloading a changed org failed");
                 }
@@ -458,17 +465,17 @@ impl Node {
         }
         for chunk in slots.chunks(self.options.settle_batch_orgs_max) {
             // An org busy with a control-plane change or a refill is settled next round.
-            let mut admin_guards = Vec::new();
+            let mut control_guards = Vec::new();
             let mut stream_guards = Vec::new();
             let mut ready = Vec::new();
             for slot in chunk {
-                let Ok(admin) = slot.admin.try_lock() else {
+                let Ok(control) = slot.control.try_lock() else {
                     continue;
                 };
                 let Ok(stream) = slot.settle.try_lock() else {
                     continue;
                 };
-                admin_guards.push(admin);
+                control_guards.push(control);
                 stream_guards.push(stream);
                 ready.push(Arc::clone(slot));
             }
@@ -501,11 +508,11 @@ impl Node {
         let (mut leased, mut blocked) = (0u64, 0u64);
         for slot in self.orgs.iter() {
             let state = slot.current();
-            for pool in &state.pools {
+            for lease in &state.leases {
                 leased = leased
-                    .saturating_add(pool.lease())
-                    .saturating_add(pool.reserve());
-                blocked += pool.is_blocked() as u64;
+                    .saturating_add(lease.credits())
+                    .saturating_add(lease.outage_reserve());
+                blocked += lease.is_blocked() as u64;
             }
         }
         let unsettled = self.unsettled_credits();
@@ -551,9 +558,9 @@ impl Node {
         let until = Instant::now() + deadline;
         let mut first_error = None;
         for chunk in slots.chunks(self.options.settle_batch_orgs_max) {
-            let mut admin_guards = Vec::new();
+            let mut control_guards = Vec::new();
             for slot in chunk {
-                admin_guards.push(slot.admin.lock().await);
+                control_guards.push(slot.control.lock().await);
             }
             loop {
                 // A second round picks up debits that were in flight during the first.
@@ -612,8 +619,8 @@ fn set_pending(slot: &OrgSlot, stream: &mut SettleStream, batch: Option<SettleBa
 fn drop_drained_retired(slot: &OrgSlot) {
     slot.retired.lock().retain(|s| {
         let referenced = s.accounts.iter().any(|a| Arc::strong_count(a) > 1);
-        let busy =
-            s.accounts.iter().any(|a| a.has_unreported()) || s.pools.iter().any(|p| p.lease() > 0);
+        let busy = s.accounts.iter().any(|a| a.has_unreported())
+            || s.leases.iter().any(|p| p.credits() > 0);
         referenced || busy
     });
 }

@@ -21,7 +21,7 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    unix_ms, AdminOp, AdminOutcome, IdempotencyKey, LedgerEntry, LedgerPage, NodeStart, Notice,
+    unix_ms, ControlOp, ControlOutcome, IdempotencyKey, LedgerEntry, LedgerPage, NodeStart, Notice,
     Store, StoreError,
 };
 use crate::model::{
@@ -57,7 +57,7 @@ struct StoredOrg {
 struct RememberedKey {
     fingerprint: String,
     at_ms: u64,
-    outcome: AdminOutcome,
+    outcome: ControlOutcome,
 }
 
 struct Inner {
@@ -298,9 +298,9 @@ impl Store for EmbeddedStore {
     async fn apply(
         &self,
         org: &OrgId,
-        op: &AdminOp,
+        op: &ControlOp,
         key: Option<&IdempotencyKey>,
-    ) -> Result<AdminOutcome, StoreError> {
+    ) -> Result<ControlOutcome, StoreError> {
         let (org, op, key) = (org.clone(), op.clone(), key.cloned());
         self.blocking(move |inner| {
             let mut orgs = inner.orgs.lock();
@@ -313,7 +313,7 @@ impl Store for EmbeddedStore {
                     if remembered.fingerprint != k.fingerprint {
                         return Err(StoreError::IdempotencyMismatch(k.key.clone()));
                     }
-                    return Ok(AdminOutcome {
+                    return Ok(ControlOutcome {
                         replayed: true,
                         ..remembered.outcome
                     });
@@ -327,7 +327,7 @@ impl Store for EmbeddedStore {
             }
             let mut next = stored.clone();
             let (returned, events) = op.apply(&mut next.record)?;
-            let outcome = AdminOutcome {
+            let outcome = ControlOutcome {
                 view: next.record.view(),
                 returned,
                 replayed: false,

@@ -20,7 +20,7 @@ use crate::model::{
 /// A control-plane change to one org. Each is applied atomically and durably.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-pub enum AdminOp {
+pub enum ControlOp {
     Purchase {
         amount: Amount,
     },
@@ -40,33 +40,33 @@ pub enum AdminOp {
     },
 }
 
-impl AdminOp {
+impl ControlOp {
     /// Bounded label for metrics and logs.
     pub fn name(&self) -> &'static str {
         match self {
-            AdminOp::Purchase { .. } => "purchase",
-            AdminOp::CreateWorkspace { .. } => "create_workspace",
-            AdminOp::DeleteWorkspace { .. } => "delete_workspace",
-            AdminOp::Transfer { .. } => "transfer",
-            AdminOp::SetMode { .. } => "set_mode",
+            ControlOp::Purchase { .. } => "purchase",
+            ControlOp::CreateWorkspace { .. } => "create_workspace",
+            ControlOp::DeleteWorkspace { .. } => "delete_workspace",
+            ControlOp::Transfer { .. } => "transfer",
+            ControlOp::SetMode { .. } => "set_mode",
         }
     }
 
     /// Applies the op to a record (on success the record is the new state).
     pub fn apply(&self, record: &mut OrgRecord) -> Result<(u64, Vec<LedgerEvent>), RuleError> {
         match self {
-            AdminOp::Purchase { amount } => Ok((0, vec![record.purchase(*amount)?])),
-            AdminOp::CreateWorkspace { workspace } => {
+            ControlOp::Purchase { amount } => Ok((0, vec![record.purchase(*amount)?])),
+            ControlOp::CreateWorkspace { workspace } => {
                 Ok((0, vec![record.create_workspace(workspace.clone())?]))
             }
-            AdminOp::DeleteWorkspace { workspace } => {
+            ControlOp::DeleteWorkspace { workspace } => {
                 let (returned, event) = record.delete_workspace(workspace)?;
                 Ok((returned, vec![event]))
             }
-            AdminOp::Transfer { from, to, amount } => {
+            ControlOp::Transfer { from, to, amount } => {
                 Ok((0, vec![record.transfer(from, to, *amount)?]))
             }
-            AdminOp::SetMode { mode } => Ok((0, record.set_mode(*mode)?)),
+            ControlOp::SetMode { mode } => Ok((0, record.set_mode(*mode)?)),
         }
     }
 }
@@ -84,7 +84,7 @@ pub struct IdempotencyKey {
 
 /// What an applied control-plane operation left behind.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AdminOutcome {
+pub struct ControlOutcome {
     /// The org after the operation.
     pub view: OrgView,
     /// Credits a deletion returned to the Primary (0 for other operations).
@@ -207,9 +207,9 @@ pub trait Store: Send + Sync + 'static {
     async fn apply(
         &self,
         org: &OrgId,
-        op: &AdminOp,
+        op: &ControlOp,
         key: Option<&IdempotencyKey>,
-    ) -> Result<AdminOutcome, StoreError>;
+    ) -> Result<ControlOutcome, StoreError>;
 
     /// Applies settle batches, one per org; each is atomic on its own and answered in order.
     async fn settle(

@@ -79,7 +79,7 @@ pub use self::conn::script_sha;
 use self::conn::{store_error, Conn, Redis, Scripts};
 use self::reply::{refusal, Tokens};
 use super::{
-    AdminOp, AdminOutcome, IdempotencyKey, LedgerEntry, LedgerPage, NodeStart, Notice, Store,
+    ControlOp, ControlOutcome, IdempotencyKey, LedgerEntry, LedgerPage, NodeStart, Notice, Store,
     StoreError,
 };
 use crate::config::Config;
@@ -427,31 +427,31 @@ impl RedisStore {
     pub async fn apply_as_call(
         &self,
         org: &OrgId,
-        op: &AdminOp,
+        op: &ControlOp,
         call: &str,
-    ) -> Result<AdminOutcome, StoreError> {
+    ) -> Result<ControlOutcome, StoreError> {
         self.apply_once(org, op, Once::Call(call)).await
     }
 
     async fn apply_once(
         &self,
         org: &OrgId,
-        op: &AdminOp,
+        op: &ControlOp,
         once: Once<'_>,
-    ) -> Result<AdminOutcome, StoreError> {
+    ) -> Result<ControlOutcome, StoreError> {
         let mut keys = org_keys(org);
         keys.push(format!("{}idem", prefix(org)));
         let mut args = vec![org.to_string(), op.name().to_string()];
         match op {
-            AdminOp::Purchase { amount } => args.extend([amount.get().to_string(), "".into()]),
-            AdminOp::CreateWorkspace { workspace } | AdminOp::DeleteWorkspace { workspace } => {
+            ControlOp::Purchase { amount } => args.extend([amount.get().to_string(), "".into()]),
+            ControlOp::CreateWorkspace { workspace } | ControlOp::DeleteWorkspace { workspace } => {
                 args.extend([workspace.to_string(), "".into()])
             }
-            AdminOp::Transfer { from, to, amount } => {
+            ControlOp::Transfer { from, to, amount } => {
                 args.extend([from.to_string(), to.to_string()]);
                 args.push(amount.get().to_string());
             }
-            AdminOp::SetMode { mode } => args.extend([mode.as_str().to_string(), "".into()]),
+            ControlOp::SetMode { mode } => args.extend([mode.as_str().to_string(), "".into()]),
         }
         if args.len() == 4 {
             args.push(String::new());
@@ -488,7 +488,7 @@ impl RedisStore {
                     org: org.clone(),
                     version: record.version,
                 });
-                Ok(AdminOutcome {
+                Ok(ControlOutcome {
                     view: record.view(),
                     returned,
                     replayed: false,
@@ -500,7 +500,7 @@ impl RedisStore {
                 })?;
                 let state: Vec<String> = state.split(' ').map(str::to_string).collect();
                 let record = Tokens::new(&state, "remembered outcome").record(org)?;
-                Ok(AdminOutcome {
+                Ok(ControlOutcome {
                     view: record.view(),
                     returned,
                     // A re-sent call is the same call: only a caller's key replays.
@@ -660,9 +660,9 @@ impl Store for RedisStore {
     async fn apply(
         &self,
         org: &OrgId,
-        op: &AdminOp,
+        op: &ControlOp,
         key: Option<&IdempotencyKey>,
-    ) -> Result<AdminOutcome, StoreError> {
+    ) -> Result<ControlOutcome, StoreError> {
         match key {
             Some(key) => self.apply_once(org, op, Once::Key(key)).await,
             None => self.apply_once(org, op, Once::Call(&call_id())).await,
