@@ -3,6 +3,7 @@
 //! refused with every problem named at once (the binary exits with 64, `EX_USAGE`).
 
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -280,10 +281,112 @@ const KEYS: &[(&str, Kind)] = &[
 /// Environment variables that are not settings.
 const ENV_NOT_KEYS: &[&str] = &["CREDITD_CONFIG"];
 
+/// The refusals found so far, in the order checked.
+#[derive(Default)]
+struct Refusals(Vec<String>);
+
+impl Refusals {
+    fn duration(&mut self, key: &str, value: Duration, range: RangeInclusive<Duration>) {
+        if !range.contains(&value) {
+            self.0.push(bounds::duration_refusal(key, &range));
+        }
+    }
+
+    fn count(&mut self, key: &str, value: u64, range: RangeInclusive<u64>) {
+        if !range.contains(&value) {
+            let (min, max) = range.into_inner();
+            self.0.push(format!("{key}: must be from {min} to {max}"));
+        }
+    }
+
+    fn rule(&mut self, ok: bool, refusal: impl Into<String>) {
+        if !ok {
+            self.0.push(refusal.into());
+        }
+    }
+}
+
 /// Every problem found, one per line.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration:\n  {}", .0.join("\n  "))]
 pub struct ConfigError(pub Vec<String>);
+
+/// The settings file as a TOML table.
+fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(vec![format!("cannot read {}: {e}", path.display())]))?;
+    text.parse::<toml::Table>()
+        .map_err(|e| ConfigError(vec![format!("{}: {e}", path.display())]))
+}
+
+/// Puts every `CREDITD_<KEY>` of `env` into `table` as the key's type; names what is unknown or
+/// does not parse.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+    errors: &mut Vec<String>,
+    bad: &mut Vec<String>,
+) {
+    for (name, value) in env {
+        let Some(key) = name.strip_prefix("CREDITD_") else {
+            continue;
+        };
+        if ENV_NOT_KEYS.contains(&name.as_str()) {
+            continue;
+        }
+        let key = key.to_ascii_lowercase();
+        let parsed = match KEYS.iter().find(|(k, _)| *k == key) {
+            None => {
+                errors.push(format!("{name}: unknown setting `{key}`"));
+                continue;
+            }
+            Some((_, Kind::Str)) => Ok(toml::Value::String(value)),
+            Some((_, Kind::Bool)) => match value.trim() {
+                "true" | "1" => Ok(toml::Value::Boolean(true)),
+                "false" | "0" => Ok(toml::Value::Boolean(false)),
+                _ => Err(format!("{name}: `{value}` is not true or false")),
+            },
+            Some((_, Kind::Int)) => value
+                .trim()
+                .parse::<i64>()
+                .map(toml::Value::Integer)
+                .map_err(|_| format!("{name}: `{value}` is not an integer")),
+        };
+        match parsed {
+            Ok(v) => {
+                table.insert(key, v);
+            }
+            Err(e) => {
+                errors.push(e);
+                bad.push(key);
+            }
+        }
+    }
+}
+
+/// Deserializes key by key, so that every bad key is reported, not just the first; returns the
+/// keys that parsed.
+fn parse_each(table: &toml::Table, errors: &mut Vec<String>, bad: &mut Vec<String>) -> toml::Table {
+    let mut good = toml::Table::new();
+    for (key, value) in table {
+        if !KEYS.iter().any(|(k, _)| k == key) {
+            errors.push(format!("{key}: unknown setting"));
+            continue;
+        }
+        let mut one = toml::Table::new();
+        one.insert(key.clone(), value.clone());
+        match toml::Value::Table(one).try_into::<Config>() {
+            Ok(_) => {
+                good.insert(key.clone(), value.clone());
+            }
+            Err(e) => {
+                errors.push(format!("{key}: {}", e.message().trim()));
+                bad.push(key.clone());
+            }
+        }
+    }
+    good
+}
 
 /// Parses a duration such as `250ms`, `5s`, `2m`, `24h`.
 pub fn parse_duration(s: &str) -> Option<Duration> {
@@ -316,79 +419,15 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(path) => read_file(path)?,
+            None => toml::Table::new(),
+        };
         let mut errors = Vec::new();
         // Keys refused while parsing, so that validation does not judge them a second time.
         let mut bad: Vec<String> = Vec::new();
-        let mut table = match file {
-            Some(path) => match std::fs::read_to_string(path) {
-                Ok(text) => match text.parse::<toml::Table>() {
-                    Ok(t) => t,
-                    Err(e) => return Err(ConfigError(vec![format!("{}: {e}", path.display())])),
-                },
-                Err(e) => {
-                    return Err(ConfigError(vec![format!(
-                        "cannot read {}: {e}",
-                        path.display()
-                    )]))
-                }
-            },
-            None => toml::Table::new(),
-        };
-        for (name, value) in env {
-            let Some(key) = name.strip_prefix("CREDITD_") else {
-                continue;
-            };
-            if ENV_NOT_KEYS.contains(&name.as_str()) {
-                continue;
-            }
-            let key = key.to_ascii_lowercase();
-            match KEYS.iter().find(|(k, _)| *k == key) {
-                None => errors.push(format!("{name}: unknown setting `{key}`")),
-                Some((_, Kind::Str)) => {
-                    table.insert(key, toml::Value::String(value));
-                }
-                Some((_, Kind::Bool)) => match value.trim() {
-                    "true" | "1" => {
-                        table.insert(key, toml::Value::Boolean(true));
-                    }
-                    "false" | "0" => {
-                        table.insert(key, toml::Value::Boolean(false));
-                    }
-                    _ => {
-                        errors.push(format!("{name}: `{value}` is not true or false"));
-                        bad.push(key);
-                    }
-                },
-                Some((_, Kind::Int)) => match value.trim().parse::<i64>() {
-                    Ok(n) => {
-                        table.insert(key, toml::Value::Integer(n));
-                    }
-                    Err(_) => {
-                        errors.push(format!("{name}: `{value}` is not an integer"));
-                        bad.push(key);
-                    }
-                },
-            }
-        }
-        // Deserialize key by key so that every bad key is reported, not just the first.
-        let mut good = toml::Table::new();
-        for (key, value) in &table {
-            if !KEYS.iter().any(|(k, _)| k == key) {
-                errors.push(format!("{key}: unknown setting"));
-                continue;
-            }
-            let mut one = toml::Table::new();
-            one.insert(key.clone(), value.clone());
-            match toml::Value::Table(one).try_into::<Config>() {
-                Ok(_) => {
-                    good.insert(key.clone(), value.clone());
-                }
-                Err(e) => {
-                    errors.push(format!("{key}: {}", e.message().trim()));
-                    bad.push(key.clone());
-                }
-            }
-        }
+        apply_env(&mut table, env, &mut errors, &mut bad);
+        let good = parse_each(&table, &mut errors, &mut bad);
         if !errors.is_empty() {
             // Validate the keys that did parse as well, so that one run names every bad key
             // (`authorize_deny_status = 500` beside `settle_interval = "fast"`). A check that
@@ -411,162 +450,116 @@ impl Config {
 
     /// Checks values that parse but make no sense, against the bounds in [`bounds`].
     pub fn validate(self) -> Result<Config, ConfigError> {
-        let mut errors = Vec::new();
-        let mut check = |ok: bool, msg: String| {
-            if !ok {
-                errors.push(msg)
-            }
-        };
-        for (key, value, range) in [
-            (
-                "settle_interval",
-                self.settle_interval,
-                bounds::SETTLE_INTERVAL,
-            ),
-            (
-                "lease_wait_max",
-                self.lease_wait_max,
-                bounds::LEASE_WAIT_MAX,
-            ),
-            ("lease_ttl", self.lease_ttl, bounds::LEASE_TTL),
-            ("lease_horizon", self.lease_horizon, bounds::LEASE_HORIZON),
-            (
-                "recall_wait_max",
-                self.recall_wait_max,
-                bounds::RECALL_WAIT_MAX,
-            ),
-            (
-                "idempotency_ttl",
-                self.idempotency_ttl,
-                bounds::IDEMPOTENCY_TTL,
-            ),
-            (
-                "reservation_ttl_max",
-                self.reservation_ttl_max,
-                bounds::RESERVATION_TTL,
-            ),
-            (
-                "header_read_timeout",
-                self.header_read_timeout,
-                bounds::HEADER_READ_TIMEOUT,
-            ),
-            (
-                "shutdown_grace",
-                self.shutdown_grace,
-                bounds::SHUTDOWN_GRACE,
-            ),
-            (
-                "redis_call_timeout",
-                self.redis_call_timeout,
-                bounds::REDIS_CALL_TIMEOUT,
-            ),
-        ] {
-            check(
-                range.contains(&value),
-                bounds::duration_refusal(key, &range),
-            );
+        let mut refusals = Refusals::default();
+        self.check_bounds(&mut refusals);
+        self.check_rules(&mut refusals);
+        if refusals.0.is_empty() {
+            Ok(self)
+        } else {
+            Err(ConfigError(refusals.0))
         }
-        for (key, value, range) in [
-            (
-                "lease_share_max_percent",
-                self.lease_share_max_percent,
-                bounds::LEASE_SHARE_MAX_PERCENT,
-            ),
-            (
-                "outage_reserve_credits",
-                self.outage_reserve_credits,
-                bounds::OUTAGE_RESERVE_CREDITS,
-            ),
-            (
-                "body_bytes_max",
-                self.body_bytes_max as u64,
-                bounds::BODY_BYTES_MAX,
-            ),
-            (
-                "accounts_max",
-                self.accounts_max as u64,
-                bounds::ACCOUNTS_MAX,
-            ),
-            (
-                "workspaces_max",
-                self.workspaces_max as u64,
-                bounds::WORKSPACES_MAX,
-            ),
-            (
-                "idempotency_keys_max",
-                self.idempotency_keys_max as u64,
-                bounds::IDEMPOTENCY_KEYS_MAX,
-            ),
-            (
-                "reservations_max",
-                self.reservations_max as u64,
-                bounds::RESERVATIONS_MAX,
-            ),
-            (
-                "connections_max",
-                self.connections_max as u64,
-                bounds::CONNECTIONS_MAX,
-            ),
-            (
-                "ledger_page_max",
-                self.ledger_page_max as u64,
-                bounds::LEDGER_PAGE_MAX,
-            ),
-            (
-                "settle_batch_orgs_max",
-                self.settle_batch_orgs_max as u64,
-                bounds::SETTLE_BATCH_ORGS_MAX,
-            ),
-        ] {
-            check(
-                range.contains(&value),
-                format!("{key}: must be from {} to {}", range.start(), range.end()),
-            );
-        }
-        check(
-            self.lease_ttl > self.settle_interval * 2,
-            "lease_ttl: must be more than twice settle_interval".into(),
+    }
+
+    /// Every bounded setting within its range.
+    fn check_bounds(&self, r: &mut Refusals) {
+        use bounds as b;
+        r.duration("settle_interval", self.settle_interval, b::SETTLE_INTERVAL);
+        r.duration("lease_wait_max", self.lease_wait_max, b::LEASE_WAIT_MAX);
+        r.duration("lease_ttl", self.lease_ttl, b::LEASE_TTL);
+        r.duration("lease_horizon", self.lease_horizon, b::LEASE_HORIZON);
+        r.duration("recall_wait_max", self.recall_wait_max, b::RECALL_WAIT_MAX);
+        r.duration("idempotency_ttl", self.idempotency_ttl, b::IDEMPOTENCY_TTL);
+        r.duration(
+            "reservation_ttl_max",
+            self.reservation_ttl_max,
+            b::RESERVATION_TTL,
         );
-        check(
+        r.duration(
+            "header_read_timeout",
+            self.header_read_timeout,
+            b::HEADER_READ_TIMEOUT,
+        );
+        r.duration("shutdown_grace", self.shutdown_grace, b::SHUTDOWN_GRACE);
+        r.duration(
+            "redis_call_timeout",
+            self.redis_call_timeout,
+            b::REDIS_CALL_TIMEOUT,
+        );
+        let share = self.lease_share_max_percent;
+        r.count("lease_share_max_percent", share, b::LEASE_SHARE_MAX_PERCENT);
+        let reserve = self.outage_reserve_credits;
+        r.count("outage_reserve_credits", reserve, b::OUTAGE_RESERVE_CREDITS);
+        r.count(
+            "body_bytes_max",
+            self.body_bytes_max as u64,
+            b::BODY_BYTES_MAX,
+        );
+        r.count("accounts_max", self.accounts_max as u64, b::ACCOUNTS_MAX);
+        r.count(
+            "workspaces_max",
+            self.workspaces_max as u64,
+            b::WORKSPACES_MAX,
+        );
+        let keys = self.idempotency_keys_max as u64;
+        r.count("idempotency_keys_max", keys, b::IDEMPOTENCY_KEYS_MAX);
+        let reservations = self.reservations_max as u64;
+        r.count("reservations_max", reservations, b::RESERVATIONS_MAX);
+        r.count(
+            "connections_max",
+            self.connections_max as u64,
+            b::CONNECTIONS_MAX,
+        );
+        r.count(
+            "ledger_page_max",
+            self.ledger_page_max as u64,
+            b::LEDGER_PAGE_MAX,
+        );
+        let orgs = self.settle_batch_orgs_max as u64;
+        r.count("settle_batch_orgs_max", orgs, b::SETTLE_BATCH_ORGS_MAX);
+    }
+
+    /// Settings judged against each other, and values that are not numbers.
+    fn check_rules(&self, r: &mut Refusals) {
+        r.rule(
+            self.lease_ttl > self.settle_interval * 2,
+            "lease_ttl: must be more than twice settle_interval",
+        );
+        r.rule(
             self.reservation_ttl <= self.reservation_ttl_max
                 && bounds::RESERVATION_TTL.contains(&self.reservation_ttl),
-            "reservation_ttl: must be from 1ms to reservation_ttl_max".into(),
+            "reservation_ttl: must be from 1ms to reservation_ttl_max",
         );
-        check(
+        r.rule(
             bounds::AUTHORIZE_DENY_STATUS.contains(&self.authorize_deny_status),
             format!(
                 "authorize_deny_status: must be 402, 403 or 429, not {}",
                 self.authorize_deny_status
             ),
         );
-        check(
+        r.rule(
             is_valid_id(&self.node_id),
             format!("node_id: {}", crate::model::ID_RULE),
         );
         if let Some(token) = &self.admin_token {
-            check(
+            r.rule(
                 !token.is_empty(),
-                "admin_token: must not be empty (leave it unset to turn the control plane off)"
-                    .into(),
+                "admin_token: must not be empty (leave it unset to turn the control plane off)",
             );
         }
         if self.store == StoreKind::Redis {
+            // rediss:// (TLS) would pass here and fail at connect: this build has no TLS.
             let urls_ok = self
                 .redis_url
                 .split(',')
-                .all(|u| u.trim().starts_with("redis://") || u.trim().starts_with("rediss://"));
-            check(
+                .all(|u| u.trim().starts_with("redis://"));
+            r.rule(
                 urls_ok,
                 format!(
-                    "redis_url: `{}` is not a redis:// URL or list of them",
+                    "redis_url: `{}` is not a redis:// URL or list of them (rediss:// is not \
+                     supported: this build has no TLS)",
                     self.redis_url
                 ),
             );
-        }
-        if errors.is_empty() {
-            Ok(self)
-        } else {
-            Err(ConfigError(errors))
         }
     }
 
