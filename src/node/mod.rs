@@ -12,7 +12,9 @@
 
 mod control;
 mod data;
+mod lease;
 mod settle;
+mod settler;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
