@@ -227,12 +227,14 @@ pub trait Store: Send + Sync + 'static {
     /// Cheap reachability check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// Announces a notice to every node (a no-op where there is one node).
+    /// Announces a notice to every node of the store, this one included. The default tells
+    /// nobody: a store no other node shares may keep it; both stores here deliver it.
     async fn announce(&self, _notice: &Notice) -> Result<(), StoreError> {
         Ok(())
     }
 
-    /// Notices announced by any node, this one included; `None` where there is one node.
+    /// Notices announced by any node, this one included; `None` (the default) for a store
+    /// that delivers none.
     fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<Notice>> {
         None
     }
