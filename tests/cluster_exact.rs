@@ -13,7 +13,6 @@
 //! Every wait polls a condition with a deadline; every loop is bounded in count and time.
 
 mod common;
-mod support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,9 +20,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::redis::RedisServer;
 use common::{assert_conserved, balance, eventually, workspace, Client, Process};
 use serde_json::{json, Value};
-use support::redis::RedisServer;
 
 /// Settle interval of every node in these tests.
 const SETTLE: &str = "100ms";
@@ -655,7 +654,7 @@ fn hgetall(port: u16, key: &str) -> BTreeMap<String, String> {
             other => format!("{other:?}"),
         }
     }
-    let value = support::redis::command(port, &["HGETALL", key])
+    let value = common::redis::command(port, &["HGETALL", key])
         .unwrap_or_else(|e| panic!("HGETALL {key}: {e}"));
     match value {
         redis::Value::Array(items) => items
@@ -717,11 +716,11 @@ fn copy_dir(from: &Path, to: &Path) {
 /// Blocks every write to the Redis at `port` (scripts included; reads still answer) for at
 /// most 10 s, so that what is read and copied meanwhile is one consistent state.
 fn pause_writes(port: u16) {
-    support::redis::command(port, &["CLIENT", "PAUSE", "10000", "WRITE"]).expect("CLIENT PAUSE");
+    common::redis::command(port, &["CLIENT", "PAUSE", "10000", "WRITE"]).expect("CLIENT PAUSE");
 }
 
 fn unpause(port: u16) {
-    support::redis::command(port, &["CLIENT", "UNPAUSE"]).expect("CLIENT UNPAUSE");
+    common::redis::command(port, &["CLIENT", "UNPAUSE"]).expect("CLIENT UNPAUSE");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,16 +3,15 @@
 //! nodes under load, a killed node, a lost settle reply, and a restarted Redis.
 
 mod common;
-mod support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{assert_conserved, balance, Client, Process};
+use common::redis::RedisServer;
+use common::{assert_conserved, balance, eventually, Client, Process};
 use serde_json::{json, Value};
-use support::redis::RedisServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -195,27 +194,11 @@ impl Load {
 /// Waits until the org view on `c` shows more than `n` credits used: load is flowing.
 async fn used_above(c: &Client, org: &str, n: u64) {
     let c = c.clone();
-    within(Duration::from_secs(20), "load running", || {
+    eventually(Duration::from_secs(20), "load running", || {
         let c = c.clone();
         async move { c.org(org).await["used"].as_u64().unwrap() > n }
     })
     .await;
-}
-
-/// Polls `check` on a node's answers until it holds, within `limit`.
-async fn within<F, Fut>(limit: Duration, what: &str, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    loop {
-        if check().await {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < limit, "not within {limit:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,7 +218,7 @@ async fn changes_on_one_node_reach_the_others_under_load() {
     assert_eq!(t.status, 200, "{}", t.text);
     for c in &cs[1..] {
         let c = c.clone();
-        within(limit, "transfer seen", || {
+        eventually(limit, "transfer seen", || {
             let c = c.clone();
             async move {
                 c.get("/v1/balance?org=acme&workspace=ws-x").await.body["remaining"]
@@ -251,20 +234,20 @@ async fn changes_on_one_node_reach_the_others_under_load() {
     assert_eq!(d.status, 200, "{}", d.text);
     for c in &cs[1..] {
         let c = c.clone();
-        within(limit, "deletion seen", || {
+        eventually(limit, "deletion seen", || {
             let c = c.clone();
             async move { c.debit("acme", "ws-x", 1).await.status == 404 }
         })
         .await;
     }
-    // Mode switch on A: B and C report shared mode and spend from the Primary's pool.
+    // Mode switch on A: B and C report shared mode and spend from the Primary's lease.
     let m = cs[0]
         .put("/v1/orgs/acme/mode", json!({"mode": "shared"}))
         .await;
     assert_eq!(m.status, 200, "{}", m.text);
     for c in &cs[1..] {
         let c = c.clone();
-        within(limit, "mode switch seen", || {
+        eventually(limit, "mode switch seen", || {
             let c = c.clone();
             async move { c.get("/v1/balance?org=acme&workspace=busy").await.body["mode"] == "shared" }
         })
@@ -289,7 +272,7 @@ async fn a_killed_node_never_causes_overspend_and_its_leases_expire() {
     let c0 = cs[0].clone();
     procs.remove(2).kill();
     // The survivors spend what is left, the dead node's leases included once they expire.
-    within(
+    eventually(
         Duration::from_secs(60),
         "budget exhausted by the survivors",
         || {
@@ -403,7 +386,7 @@ async fn a_settle_whose_reply_is_lost_is_applied_once() {
         }
         proxy.armed.store(true, Ordering::Release);
         let p = Arc::clone(&proxy.cuts);
-        within(Duration::from_secs(20), "a settle reply was cut", || {
+        eventually(Duration::from_secs(20), "a settle reply was cut", || {
             let p = Arc::clone(&p);
             async move { p.load(Ordering::Relaxed) > round }
         })
@@ -427,7 +410,7 @@ async fn a_redis_restart_mid_load_fails_no_settlement_after_one_retry() {
     // Restart on the same port, data kept (AOF), script cache empty.
     let batches_before = metric_of(&cs[0], "creditd_settle_batches_total").await;
     redis.restart();
-    within(
+    eventually(
         Duration::from_secs(30),
         "a settle succeeds after the restart",
         || {
@@ -443,7 +426,7 @@ async fn a_redis_restart_mid_load_fails_no_settlement_after_one_retry() {
     let errors = common::metric(&metrics, "creditd_settle_errors_total");
     let batches = common::metric(&metrics, "creditd_settle_batches_total");
     let c0 = cs[0].clone();
-    within(
+    eventually(
         Duration::from_secs(30),
         "ten more settle batches under load",
         || {
@@ -461,7 +444,7 @@ async fn a_redis_restart_mid_load_fails_no_settlement_after_one_retry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_on_a_three_master_redis_cluster_spend_exactly_the_budgets() {
-    let cluster = support::redis::RedisCluster::start();
+    let cluster = common::redis::RedisCluster::start();
     let (procs, _dirs) = nodes(&cluster.url(), 3, &[]).await;
     let cs = clients(&procs);
     // Several orgs, so that their hash tags land on different masters.
@@ -507,7 +490,7 @@ async fn through_a_store_outage_the_reserve_answers_boundedly_then_503() {
     seed_budget(&c, "acme", "ws", 10_000).await;
     assert_eq!(c.debit("acme", "ws", 10).await.status, 200);
     let c1 = c.clone();
-    within(
+    eventually(
         Duration::from_secs(20),
         "the outage reserve is leased",
         || {

@@ -9,8 +9,8 @@
 //! (Debian's `chromium` and `chromium-driver`) must be installed: without them this test fails.
 
 mod common;
-#[path = "support/webdriver.rs"]
-mod webdriver;
+
+use common::webdriver;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -3,8 +3,9 @@
 //! exist; the Dockerfile is multi-stage, non-root and health-checked by `creditd healthcheck`;
 //! and the configs agree with each other on names, ports, paths and the Grafana datasource.
 
-#[path = "common/yaml.rs"]
-mod yaml;
+mod common;
+
+use common::yaml;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};

@@ -3,8 +3,8 @@
 //! dashboard query and alert rule compiles, passes its unit tests and names only real metrics.
 
 mod common;
-#[path = "common/yaml.rs"]
-mod yaml;
+
+use common::yaml;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

@@ -3,8 +3,8 @@
 //! route the server's router answers is in the spec.
 
 mod common;
-#[path = "common/yaml.rs"]
-mod yaml;
+
+use common::yaml;
 
 use std::collections::{BTreeMap, BTreeSet};
 

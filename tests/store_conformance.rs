@@ -3,10 +3,12 @@
 //! survives what Redis does not promise: a lost script cache, a restart, a frozen or dead
 //! server, silent nodes (lease expiry) and an eviction policy.
 
-mod support;
+mod common;
 
 use std::time::{Duration, Instant};
 
+use common::eventually_some;
+use common::redis::{RedisCluster, RedisServer};
 use creditd::model::{
     Amount, LedgerEvent, Mode, NodeId, OrgId, OrgRecord, PriorLife, RuleError, SettleBatch,
     SettleReply, UsageLine, WorkspaceId, AMOUNT_MAX, CREDITS_MAX,
@@ -14,7 +16,6 @@ use creditd::model::{
 use creditd::store::embedded::{EmbeddedOptions, EmbeddedStore};
 use creditd::store::redis::{RedisOpenError, RedisOptions, RedisStore};
 use creditd::store::{ControlOp, ControlOutcome, IdempotencyKey, Notice, Store, StoreError};
-use support::redis::{RedisCluster, RedisServer};
 
 /// Longest any bounded poll of these tests waits.
 const WAIT_MAX: Duration = Duration::from_secs(20);
@@ -517,25 +518,6 @@ async fn conformance(redis: &RedisStore) {
     }
 }
 
-/// Polls `f` until it gives `Some`, at most [`WAIT_MAX`].
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let started = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            started.elapsed() < WAIT_MAX,
-            "{what}: not within {WAIT_MAX:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 /// The model's answer to one batch on a Redis store: settle with CountAsConsumed, then expire
 /// other silent nodes, at the store's time (`now_ms`, the settling node's new heartbeat).
 fn predict(
@@ -929,7 +911,7 @@ async fn the_store_carries_on_after_a_redis_restart() {
         .expect("create");
     server.restart();
     // The old connection is gone: calls fail as Unavailable until the store has reconnected.
-    let loaded = eventually("load after restart", || async {
+    let loaded = eventually_some(WAIT_MAX, "load after restart", || async {
         match store.load_org(&org("acme")).await {
             Ok(r) => Some(r),
             Err(StoreError::Unavailable(_)) => None,
@@ -1194,7 +1176,7 @@ async fn an_unreachable_redis_is_unavailable_within_the_timeout() {
         "waited {waited:?}"
     );
     // The same batch, re-sent, applies once: the grant is the first one, never doubled.
-    let (reply, record) = eventually("the re-sent batch", || async {
+    let (reply, record) = eventually_some(WAIT_MAX, "the re-sent batch", || async {
         settle_one(&store, "acme", &batch).await.ok()
     })
     .await;

@@ -27,13 +27,14 @@
 //! Failures are kept in `proptest-regressions/store_differential.txt` and replayed first.
 //! `PROPTEST_CASES=2000 cargo test --test store_differential -- --nocapture` runs longer.
 
-mod support;
+mod common;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::time::{Duration, Instant};
 
+use common::redis::{RedisCluster, RedisServer};
 use creditd::model::{
     Amount, LedgerEvent, Mode, NodeId, NodeShare, OrgId, OrgRecord, PriorLife, RuleError,
     SettleBatch, SettleReply, UsageLine, WorkspaceId, AMOUNT_MAX, CREDITS_MAX,
@@ -43,7 +44,6 @@ use creditd::store::redis::{RedisOptions, RedisStore};
 use creditd::store::{ControlOp, IdempotencyKey, Store, StoreError};
 use proptest::prelude::*;
 use proptest::test_runner::{FileFailurePersistence, TestCaseError, TestError, TestRunner};
-use support::redis::{RedisCluster, RedisServer};
 
 /// Cases per backend unless `PROPTEST_CASES` says otherwise: each runs in well under a minute
 /// in debug on two slow cores.
