@@ -128,41 +128,49 @@ impl Client {
         self.send(Method::DELETE, path, None, &[]).await
     }
 
+    /// Sends `body` (JSON) and asserts the answer's status; returns its body. `what` names the
+    /// call in a failure.
+    pub async fn expect(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        status: StatusCode,
+        what: &str,
+    ) -> Value {
+        let text = body.map(|b| b.to_string());
+        let a = self.send(method, path, text.as_deref(), &[]).await;
+        assert_eq!(a.status, status, "{what}: {}", a.text);
+        a.body
+    }
+
     // Shorthands for the product's operations; each asserts success.
 
     pub async fn create_org(&self, org: &str, mode: &str) -> Value {
-        let a = self
-            .post("/v1/orgs", serde_json::json!({"org": org, "mode": mode}))
-            .await;
-        assert_eq!(a.status, StatusCode::CREATED, "create org: {}", a.text);
-        a.body
+        let body = serde_json::json!({"org": org, "mode": mode});
+        self.expect(
+            Method::POST,
+            "/v1/orgs",
+            Some(body),
+            StatusCode::CREATED,
+            "create org",
+        )
+        .await
     }
 
     pub async fn purchase(&self, org: &str, amount: u64) -> Value {
-        let a = self
-            .post(
-                &format!("/v1/orgs/{org}/credits"),
-                serde_json::json!({"amount": amount}),
-            )
-            .await;
-        assert_eq!(a.status, StatusCode::OK, "purchase: {}", a.text);
-        a.body
+        let path = format!("/v1/orgs/{org}/credits");
+        let body = serde_json::json!({"amount": amount});
+        self.expect(Method::POST, &path, Some(body), StatusCode::OK, "purchase")
+            .await
     }
 
     pub async fn create_workspace(&self, org: &str, ws: &str) -> Value {
-        let a = self
-            .post(
-                &format!("/v1/orgs/{org}/workspaces"),
-                serde_json::json!({"workspace": ws}),
-            )
-            .await;
-        assert_eq!(
-            a.status,
-            StatusCode::CREATED,
-            "create workspace: {}",
-            a.text
-        );
-        a.body
+        let path = format!("/v1/orgs/{org}/workspaces");
+        let body = serde_json::json!({"workspace": ws});
+        let created = StatusCode::CREATED;
+        self.expect(Method::POST, &path, Some(body), created, "create workspace")
+            .await
     }
 
     pub async fn transfer(&self, org: &str, from: &str, to: &str, amount: u64) -> Answer {
@@ -182,9 +190,9 @@ impl Client {
     }
 
     pub async fn org(&self, org: &str) -> Value {
-        let a = self.get(&format!("/v1/orgs/{org}")).await;
-        assert_eq!(a.status, StatusCode::OK, "org view: {}", a.text);
-        a.body
+        let path = format!("/v1/orgs/{org}");
+        self.expect(Method::GET, &path, None, StatusCode::OK, "org view")
+            .await
     }
 
     /// `GET /metrics` as text; fails the test on any other status.
@@ -246,14 +254,10 @@ impl Client {
 
     /// `PUT /v1/orgs/{org}/mode`, asserting `200`; returns the org view.
     pub async fn set_mode(&self, org: &str, mode: &str) -> Value {
-        let a = self
-            .put(
-                &format!("/v1/orgs/{org}/mode"),
-                serde_json::json!({"mode": mode}),
-            )
-            .await;
-        assert_eq!(a.status, StatusCode::OK, "set mode: {}", a.text);
-        a.body
+        let path = format!("/v1/orgs/{org}/mode");
+        let body = serde_json::json!({"mode": mode});
+        self.expect(Method::PUT, &path, Some(body), StatusCode::OK, "set mode")
+            .await
     }
 
     /// A debit that reports a failed connection as `None` instead of failing the test: for

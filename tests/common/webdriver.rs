@@ -339,64 +339,41 @@ impl Browser {
         Ok(out)
     }
 
+    /// `GET element/{id}/{what}`: one of the element's computed facts.
+    async fn element_get(&self, element: &Element, what: &str) -> Result<Value, WdError> {
+        let path = format!("element/{}/{what}", element.0);
+        self.try_command(Method::GET, &path, None).await
+    }
+
     /// The accessible name the browser computes for `element`.
     pub async fn label(&self, element: &Element) -> Result<String, WdError> {
-        let v = self
-            .try_command(
-                Method::GET,
-                &format!("element/{}/computedlabel", element.0),
-                None,
-            )
-            .await?;
+        let v = self.element_get(element, "computedlabel").await?;
         Ok(v.as_str().unwrap_or_default().to_string())
     }
 
     /// The ARIA role the browser computes for `element`.
     pub async fn role(&self, element: &Element) -> Result<String, WdError> {
-        let v = self
-            .try_command(
-                Method::GET,
-                &format!("element/{}/computedrole", element.0),
-                None,
-            )
-            .await?;
+        let v = self.element_get(element, "computedrole").await?;
         Ok(v.as_str().unwrap_or_default().to_string())
     }
 
     pub async fn displayed(&self, element: &Element) -> Result<bool, WdError> {
-        let v = self
-            .try_command(
-                Method::GET,
-                &format!("element/{}/displayed", element.0),
-                None,
-            )
-            .await?;
-        Ok(v == true)
+        Ok(self.element_get(element, "displayed").await? == true)
     }
 
     pub async fn enabled(&self, element: &Element) -> Result<bool, WdError> {
-        let v = self
-            .try_command(Method::GET, &format!("element/{}/enabled", element.0), None)
-            .await?;
-        Ok(v == true)
+        Ok(self.element_get(element, "enabled").await? == true)
     }
 
     /// The rendered text of `element`.
     pub async fn text(&self, element: &Element) -> Result<String, WdError> {
-        let v = self
-            .try_command(Method::GET, &format!("element/{}/text", element.0), None)
-            .await?;
+        let v = self.element_get(element, "text").await?;
         Ok(v.as_str().unwrap_or_default().to_string())
     }
 
     /// A DOM property (`value`, `open`, …) of `element`.
     pub async fn property(&self, element: &Element, name: &str) -> Result<Value, WdError> {
-        self.try_command(
-            Method::GET,
-            &format!("element/{}/property/{name}", element.0),
-            None,
-        )
-        .await
+        self.element_get(element, &format!("property/{name}")).await
     }
 
     /// A click as a user makes it: scrolled into view, refused if something covers the element.
