@@ -150,7 +150,7 @@ impl Lease {
     }
 
     /// Takes `amount` from the outage reserve, all or nothing; the remaining on success. Not
-    /// after the lease term: the store may have closed the reserve with the lease.
+    /// after the lease term: the store may have closed the outage reserve with the lease.
     pub fn take_outage_reserve(&self, amount: u64) -> Option<u64> {
         if !self.in_term() {
             return None;
@@ -559,7 +559,7 @@ mod tests {
             a.debit(6, Spend::Consume),
             Ok(Decision::Allowed { remaining: 4 })
         );
-        // Nothing more anywhere: the reserve pays, then the spender is blocked.
+        // Nothing more anywhere: the outage reserve pays, then the spender is blocked.
         assert_eq!(
             a.debit(3, Spend::Consume),
             Ok(Decision::Allowed { remaining: 1 })
@@ -570,7 +570,7 @@ mod tests {
         );
         assert_eq!(a.collect().unwrap().consumed, 9);
         assert_eq!(a.lease.drain(), 1);
-        // The store may have more: the reserve is kept for when it cannot be asked.
+        // The store may have more: the outage reserve is kept for when it cannot be asked.
         let b = account(5, STORE_LEFT_UNKNOWN);
         b.lease.fill_outage_reserve(3);
         assert_eq!(b.debit(3, Spend::Consume), Err(AskStore));

@@ -156,7 +156,7 @@ struct Reservation {
     /// Whose lease paid for it (fixed when it was made).
     spender: WorkspaceId,
     amount: u64,
-    /// Made under an earlier org state: what it gives back goes to a retired pool.
+    /// Made under an earlier org state: what it gives back goes to a retired lease.
     retired: bool,
 }
 
@@ -169,7 +169,7 @@ struct Unanswered {
     generation: u64,
 }
 
-/// What a node does, modelled on `src/node`: pools (local leases) per spender, debits by
+/// What a node does, modelled on `src/node`: leases per spender, debits by
 /// compare-and-swap on them, usage counted per (workspace, spender) until the next batch.
 #[derive(Debug, Clone)]
 struct SimNode {
@@ -227,7 +227,7 @@ struct Sim {
     rec: OrgRecord,
     nodes: Vec<SimNode>,
     now_ms: u64,
-    /// Bumped by every deletion and mode change: the nodes rebuild their pools.
+    /// Bumped by every deletion and mode change: the nodes rebuild their leases.
     generation: u64,
     /// Every credit a node let a caller consume (debits and commits).
     allowed: u64,
@@ -372,7 +372,7 @@ impl Sim {
         }
     }
 
-    /// Commits `percent` of an open reservation and releases the rest into its pool.
+    /// Commits `percent` of an open reservation and releases the rest into its lease.
     fn finish(&mut self, i: usize, pick: usize, percent: u64) {
         let node = &mut self.nodes[i];
         if node.reservations.is_empty() {
@@ -383,27 +383,27 @@ impl Sim {
         let back = r.amount - charged;
         node.count(&r.workspace, &r.spender, 2, charged);
         node.count(&r.workspace, &r.spender, 3, back);
-        let pool = if r.retired {
+        let leases = if r.retired {
             &mut node.retired
         } else {
             &mut node.lease
         };
-        *pool.entry(r.spender.clone()).or_default() += back;
+        *leases.entry(r.spender.clone()).or_default() += back;
         self.allowed += charged;
     }
 
-    /// Puts granted leases into the pools they were asked for (a retired pool if the org
-    /// changed while the reply was on its way, as `apply_reply` does).
+    /// Puts granted credits into the leases they were asked for (a retired lease if the org
+    /// changed while the reply was on its way, as `Node::take_grants` does).
     fn take_grants(&mut self, i: usize, grants: &[(WorkspaceId, u64)], generation: u64) {
         let current = generation == self.generation;
         let node = &mut self.nodes[i];
         for (spender, granted) in grants {
-            let pool = if current {
+            let leases = if current {
                 &mut node.lease
             } else {
                 &mut node.retired
             };
-            *pool.entry(spender.clone()).or_default() += granted;
+            *leases.entry(spender.clone()).or_default() += granted;
         }
     }
 

@@ -133,7 +133,7 @@ impl OrgRecord {
             from: self.mode,
             to: mode,
         }];
-        // shared -> budget: the Primary's leases were the whole org's pool, and nodes spend them
+        // shared -> budget: the Primary's leases served the whole org, and nodes spend them
         // for every workspace until they learn of the switch. They must be back first, or a
         // workspace with no budget could spend the Primary's credits in the meantime.
         if mode == Mode::Budget {

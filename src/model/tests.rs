@@ -442,7 +442,7 @@ fn rule6_shared_to_budget_waits_for_the_pool_leases() {
     let mut r = org(Mode::Shared);
     r.purchase(amt(1_000)).unwrap();
     r.create_workspace(ws("ws-a")).unwrap();
-    // In shared mode a node leases the Primary's pool and spends it for every workspace.
+    // In shared mode a node leases the Primary's balance and spends it for every workspace.
     settle(&mut r, &want(batch("n1", 1, 1), PRIMARY, 40));
     let err = refused(&mut r, |r| r.set_mode(Mode::Budget));
     assert_eq!(
@@ -460,7 +460,7 @@ fn rule6_shared_to_budget_waits_for_the_pool_leases() {
 
 #[test]
 fn a_reservation_open_across_a_mode_switch_returns_to_the_lease_it_came_from() {
-    // Shared mode: ws-a reserves 30 from the Primary's pool; the org switches to budget; the
+    // Shared mode: ws-a reserves 30 from the Primary's lease; the org switches to budget; the
     // node's life then ends without a clean stop.
     let mut r = org(Mode::Shared);
     r.purchase(amt(100)).unwrap();
@@ -474,7 +474,7 @@ fn a_reservation_open_across_a_mode_switch_returns_to_the_lease_it_came_from() {
     assert_eq!(held(&r, "n1", "ws-a"), 30);
     r.close_node(&node("n1"), PriorLife::ReturnToBalance)
         .unwrap();
-    // The 30 go back to the Primary, whose pool they came from: ws-a was never given any.
+    // The 30 go back to the Primary, whose lease they came from: ws-a was never given any.
     assert_eq!((balance(&r, PRIMARY), balance(&r, "ws-a")), (100, 0));
     assert!(holds_nothing(&r, "n1"));
     assert_conserved(&r);
@@ -1019,7 +1019,7 @@ fn with_leases_returned_previews_a_recall() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn refused_admin_operations_leave_the_record_unchanged() {
+fn refused_control_operations_leave_the_record_unchanged() {
     let mut r = budget_org(1_000, &[("ws-a", 300)]);
     settle(&mut r, &want(batch("n1", 1, 1), "ws-a", 100));
     let cases = [

@@ -26,16 +26,16 @@ impl Node {
                         continue;
                     }
                     let target = self.lease_target(lease);
-                    let short_reserve = self
+                    let outage_short = self
                         .options
                         .outage_reserve
                         .saturating_sub(lease.outage_reserve());
                     // Refill ahead: top up below half the target, before the lease runs out;
                     // and fill the outage reserve.
-                    if lease.credits() < target / 2 + 1 || short_reserve > 0 {
+                    if lease.credits() < target / 2 + 1 || outage_short > 0 {
                         let wanted = target
                             .saturating_sub(lease.credits())
-                            .saturating_add(short_reserve);
+                            .saturating_add(outage_short);
                         want.push((lease.spender.clone(), wanted.max(1)));
                     }
                 }
