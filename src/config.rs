@@ -34,6 +34,7 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_AUTHORIZE_DENY_STATUS: u16 = 403;
 pub const DEFAULT_LEDGER_PAGE_MAX: usize = 1000;
+pub const DEFAULT_VIEW_PAGE_MAX: usize = 1000;
 pub const DEFAULT_SETTLE_BATCH_ORGS_MAX: usize = 256;
 pub const DEFAULT_LEASE_HORIZON: Duration = Duration::from_secs(2);
 pub const DEFAULT_LEASE_SHARE_MAX_PERCENT: u64 = 25;
@@ -84,6 +85,7 @@ pub mod bounds {
     /// count (a larger number once panicked inside the accept loop).
     pub const CONNECTIONS_MAX: RangeInclusive<u64> = 1..=1_048_576;
     pub const LEDGER_PAGE_MAX: RangeInclusive<u64> = 1..=100_000;
+    pub const VIEW_PAGE_MAX: RangeInclusive<u64> = 1..=100_000;
     pub const SETTLE_BATCH_ORGS_MAX: RangeInclusive<u64> = 1..=100_000;
     pub const AUTHORIZE_DENY_STATUS: [u16; 3] = [402, 403, 429];
 
@@ -186,6 +188,8 @@ pub struct Config {
     /// Status of a `/v1/authorize` denial: 403 (nginx understands it), 402 or 429.
     pub authorize_deny_status: u16,
     pub ledger_page_max: usize,
+    /// Largest page of workspaces in an org view (`GET /v1/orgs/{org}?limit=`).
+    pub view_page_max: usize,
     /// Orgs settled in one store call.
     pub settle_batch_orgs_max: usize,
     pub log_format: LogFormat,
@@ -228,6 +232,7 @@ impl Default for Config {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             authorize_deny_status: DEFAULT_AUTHORIZE_DENY_STATUS,
             ledger_page_max: DEFAULT_LEDGER_PAGE_MAX,
+            view_page_max: DEFAULT_VIEW_PAGE_MAX,
             settle_batch_orgs_max: DEFAULT_SETTLE_BATCH_ORGS_MAX,
             log_format: LogFormat::Text,
             redis_call_timeout: DEFAULT_REDIS_CALL_TIMEOUT,
@@ -272,6 +277,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("shutdown_grace", Kind::Str),
     ("authorize_deny_status", Kind::Int),
     ("ledger_page_max", Kind::Int),
+    ("view_page_max", Kind::Int),
     ("settle_batch_orgs_max", Kind::Int),
     ("log_format", Kind::Str),
     ("redis_call_timeout", Kind::Str),
@@ -514,6 +520,7 @@ impl Config {
             self.ledger_page_max as u64,
             b::LEDGER_PAGE_MAX,
         );
+        r.count("view_page_max", self.view_page_max as u64, b::VIEW_PAGE_MAX);
         let orgs = self.settle_batch_orgs_max as u64;
         r.count("settle_batch_orgs_max", orgs, b::SETTLE_BATCH_ORGS_MAX);
     }

@@ -890,3 +890,75 @@ async fn org_view_adds_up_after_every_kind_of_change() {
     assert_conserved(&view);
     node.stop().await;
 }
+
+/// The org view pages its workspaces in byte order (`?limit=&after=`), with the org's totals
+/// on every page; without either parameter it shows every workspace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_org_view_pages_its_workspaces_with_the_totals_on_every_page() {
+    let node = TestNode::start_with(|c| c.view_page_max = 3).await;
+    let c = &node.client;
+    let names = ["ws-a", "ws-b", "ws-c", "ws-d", "ws-e"];
+    let allot: Vec<(&str, u64)> = names.iter().map(|n| (*n, 10)).collect();
+    budget_org(c, "acme", 1_000, &allot).await;
+    let whole = c.org("acme").await;
+    assert_eq!(whole["workspaces"].as_array().unwrap().len(), 6);
+    assert!(whole.get("next").is_none(), "{whole}");
+
+    let mut seen = Vec::new();
+    let mut path = "/v1/orgs/acme?limit=2".to_string();
+    for _ in 0..10 {
+        let page = c.get(&path).await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.text);
+        for key in [
+            "purchased",
+            "total_credits",
+            "held",
+            "used",
+            "mode",
+            "primary",
+        ] {
+            assert_eq!(page.body[key], whole[key], "{key} on {path}");
+        }
+        let ws = page.body["workspaces"].as_array().unwrap();
+        assert!(ws.len() <= 2, "{}", page.text);
+        seen.extend(
+            ws.iter()
+                .map(|w| w["workspace"].as_str().unwrap().to_string()),
+        );
+        match page.body["next"].as_str() {
+            Some(next) => path = format!("/v1/orgs/acme?limit=2&after={next}"),
+            None => break,
+        }
+    }
+    let all: Vec<String> = whole["workspaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["workspace"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(seen, all, "pages cover every workspace once, in order");
+
+    // `after` alone pages with the largest page; past the last workspace, an empty page.
+    let tail = c.get("/v1/orgs/acme?after=ws-b").await;
+    let names: Vec<&str> = tail.body["workspaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["workspace"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ws-c", "ws-d", "ws-e"]);
+    assert!(tail.body.get("next").is_none(), "{}", tail.text);
+    let past = c.get("/v1/orgs/acme?after=zzz").await;
+    assert_eq!(past.body["workspaces"], json!([]));
+    assert_eq!(past.body["total_credits"], whole["total_credits"]);
+
+    for bad in ["limit=0", "limit=4", "limit=x", "after=a%20b"] {
+        assert_error(
+            &c.get(&format!("/v1/orgs/acme?{bad}")).await,
+            400,
+            "invalid_request",
+            "",
+        );
+    }
+    node.stop().await;
+}

@@ -46,10 +46,7 @@ pub(super) async fn route(
             _ => Err(ApiError::method_not_allowed()),
         },
         [org] => match *method {
-            Method::GET => Ok(json(
-                StatusCode::OK,
-                &app.node.org_view(org_id(org)?.as_str()).await?,
-            )),
+            Method::GET => org_view(app, parts, org_id(org)?).await,
             _ => Err(ApiError::method_not_allowed()),
         },
         [org, "mode"] => match *method {
@@ -269,19 +266,40 @@ async fn transfer(app: &App, parts: &Parts, body: Incoming, org: OrgId) -> Resul
     ))
 }
 
-async fn ledger(app: &App, parts: &Parts, org: OrgId) -> Result<Resp, ApiError> {
-    let max = app.options.ledger_page_max;
-    let limit = match query_param(parts, "limit") {
-        None => 100.min(max),
+/// `limit` from the query string: from 1 to `max`; `default` when absent.
+fn page_limit(parts: &Parts, default: usize, max: usize) -> Result<usize, ApiError> {
+    match query_param(parts, "limit") {
+        None => Ok(default.min(max)),
         Some(s) => match s.parse::<usize>() {
-            Ok(n) if n >= 1 && n <= max => n,
-            _ => {
-                return Err(ApiError::invalid(format!(
-                    "limit must be an integer from 1 to {max}"
-                )))
-            }
+            Ok(n) if n >= 1 && n <= max => Ok(n),
+            _ => Err(ApiError::invalid(format!(
+                "limit must be an integer from 1 to {max}"
+            ))),
         },
+    }
+}
+
+/// The org view: every workspace, or with `limit` or `after` one page of them (totals always
+/// those of the whole org).
+async fn org_view(app: &App, parts: &Parts, org: OrgId) -> Result<Resp, ApiError> {
+    let max = app.options.view_page_max;
+    let after = query_param(parts, "after");
+    let paged = after.is_some() || query_param(parts, "limit").is_some();
+    let limit = page_limit(parts, max, max)?;
+    if let Some(a) = &after {
+        ws_id(a, "after")?;
+    }
+    let view = app.node.org_view(org.as_str()).await?;
+    let view = if paged {
+        view.page(after.as_deref(), limit)
+    } else {
+        view
     };
+    Ok(json(StatusCode::OK, &view))
+}
+
+async fn ledger(app: &App, parts: &Parts, org: OrgId) -> Result<Resp, ApiError> {
+    let limit = page_limit(parts, 100, app.options.ledger_page_max)?;
     let after = match query_param(parts, "after") {
         None => 0,
         Some(s) => s

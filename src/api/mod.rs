@@ -44,6 +44,7 @@ pub struct ApiOptions {
     pub connections_max: usize,
     pub header_read_timeout: Duration,
     pub ledger_page_max: usize,
+    pub view_page_max: usize,
     pub reservation_ttl_max: Duration,
 }
 
@@ -57,6 +58,7 @@ impl ApiOptions {
             connections_max: config.connections_max,
             header_read_timeout: config.header_read_timeout,
             ledger_page_max: config.ledger_page_max,
+            view_page_max: config.view_page_max,
             reservation_ttl_max: config.reservation_ttl_max,
         }
     }

@@ -27,12 +27,33 @@ pub struct OrgView {
     pub total_credits: u64,
     pub held: u64,
     pub used: u64,
+    /// The org's workspaces in byte order; one page of them when the view is paged.
     pub workspaces: Vec<WorkspaceView>,
+    /// On a page with more workspaces after it: the cursor of the next page (the last
+    /// workspace shown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 impl OrgView {
     pub fn workspace(&self, ws: &str) -> Option<&WorkspaceView> {
         self.workspaces.iter().find(|w| w.workspace.as_str() == ws)
+    }
+
+    /// At most `limit` workspaces named after `after` (in byte order), and the cursor of the
+    /// next page if more follow. The org's totals stay those of every workspace.
+    pub fn page(mut self, after: Option<&str>, limit: usize) -> OrgView {
+        let start = after.map_or(0, |a| {
+            self.workspaces
+                .partition_point(|w| w.workspace.as_str().as_bytes() <= a.as_bytes())
+        });
+        let end = start.saturating_add(limit).min(self.workspaces.len());
+        self.next = (end < self.workspaces.len())
+            .then(|| self.workspaces[end - 1].workspace.to_string())
+            .filter(|_| end > start);
+        self.workspaces.truncate(end);
+        self.workspaces.drain(..start);
+        self
     }
 }
 
@@ -74,6 +95,7 @@ impl OrgRecord {
             held: held_total,
             used,
             workspaces,
+            next: None,
         }
     }
 }
