@@ -113,7 +113,7 @@ async fn serve(config: Config) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
-            return ExitCode::FAILURE;
+            return ExitCode::from(e.exit_code());
         }
     };
     wait_for_signal().await;

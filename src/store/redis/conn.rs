@@ -63,6 +63,8 @@ pub(super) struct Scripts {
     pub apply: LuaScript,
     pub settle: LuaScript,
     pub start_node: LuaScript,
+    pub export: LuaScript,
+    pub import: LuaScript,
 }
 
 impl Scripts {
@@ -74,6 +76,8 @@ impl Scripts {
             apply: lua!("redis_apply", "apply.lua"),
             settle: lua!("redis_settle", "settle.lua"),
             start_node: lua!("redis_start_node", "start_node.lua"),
+            export: lua!("redis_export_org", "export.lua"),
+            import: lua!("redis_import_org", "import.lua"),
         }
     }
 }

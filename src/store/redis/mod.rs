@@ -20,6 +20,8 @@
 //! | `creditd:{org}:idem:call:<call id>` | hash, `PX` TTL | the same, for a call without a key |
 //! | `creditd:node:<node>:epoch` | string | the node's life counter (`INCR` at start) |
 //!
+//! There is no list of orgs: exports find them by `SCAN` of every master (see `export.rs`).
+//!
 //! Counters are decimal strings. Lua numbers are doubles, exact only up to 2^53, so no
 //! counter may exceed [`CREDITS_MAX`] = 2^53 - 1: a purchase beyond it is refused (the model
 //! refuses it too), and every other counter is a part of `purchased`.
@@ -65,6 +67,7 @@
 //! [`OrgRecord::expire_nodes`]: crate::model::OrgRecord::expire_nodes
 
 mod conn;
+mod export;
 mod notices;
 mod reply;
 
@@ -634,6 +637,21 @@ impl Store for RedisStore {
     /// Nothing to record: the node's final settle already gave its leases back.
     async fn stop_node(&self, _node: &NodeId) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn list_orgs(&self) -> Result<Vec<OrgId>, StoreError> {
+        self.scan_orgs().await
+    }
+
+    async fn export_org(
+        &self,
+        org: &OrgId,
+    ) -> Result<Option<crate::store::export::OrgDump>, StoreError> {
+        self.export_one(org).await
+    }
+
+    async fn import_org(&self, dump: &crate::store::export::OrgDump) -> Result<(), StoreError> {
+        self.import_one(dump).await
     }
 
     async fn load_org(&self, org: &OrgId) -> Result<Option<OrgRecord>, StoreError> {
