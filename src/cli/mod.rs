@@ -11,6 +11,7 @@
 //! reached; 64 ([`EXIT_CONFIG`]) for a usage error.
 
 mod client;
+pub mod data;
 mod render;
 
 use std::process::ExitCode;

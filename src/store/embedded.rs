@@ -62,6 +62,13 @@ const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Key of the `meta` table written to prove that the re-opened database commits again.
 const PROBE_KEY: &str = "probe";
 
+/// After a "no space left" failure, the store is not used again before this much can be
+/// written beside the data file: redb can often still commit into free pages inside its file
+/// on a full disk, and a node that flips back to ready only to fail on the next larger
+/// commit would make readiness flap while the disk stays full.
+const HEADROOM_BYTES: usize = 1 << 20;
+const HEADROOM_FILE: &str = "creditd.headroom";
+
 /// Limits of the embedded store.
 #[derive(Debug, Clone)]
 pub struct EmbeddedOptions {
@@ -94,6 +101,8 @@ enum Health {
         cause: String,
         next_try: Instant,
         backoff: Duration,
+        /// The disk was full: [`HEADROOM_BYTES`] must be writable before the store is used.
+        full: bool,
     },
 }
 
@@ -147,6 +156,8 @@ fn io<E: Into<redb::Error>>(e: E) -> StoreError {
 
 /// What to do about a damaged or unreadable data file, for every message that names one.
 fn damaged(path: &Path, why: impl std::fmt::Display) -> StoreError {
+    // One line: a panic's message (an assertion's) may span several.
+    let why = why.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
     StoreError::Corrupt(format!(
         "data file {} is damaged or unreadable ({why}); restore a backup (creditd restore \
          --from FILE into an empty data_dir) or run `creditd check --data-dir {}` for details",
@@ -240,9 +251,21 @@ impl Drop for TempCopy {
     }
 }
 
-/// An error about a checked copy, told about the original file.
+/// An error about a checked copy, told about the original file (and its folder).
 fn rename(e: StoreError, copy: &Path, original: &Path) -> StoreError {
-    let fix = |m: String| m.replace(&copy.display().to_string(), &original.display().to_string());
+    let parent = |p: &Path| {
+        p.parent()
+            .unwrap_or(Path::new("."))
+            .display()
+            .to_string()
+    };
+    let fix = |m: String| {
+        m.replace(&copy.display().to_string(), &original.display().to_string())
+            .replace(
+                &format!("--data-dir {}`", parent(copy)),
+                &format!("--data-dir {}`", parent(original)),
+            )
+    };
     match e {
         StoreError::Corrupt(m) => StoreError::Corrupt(fix(m)),
         StoreError::Unavailable(m) => StoreError::Unavailable(fix(m)),
@@ -427,6 +450,7 @@ impl Inner {
                 cause: cause.to_string(),
                 next_try: Instant::now() + REOPEN_BACKOFF_MIN,
                 backoff: REOPEN_BACKOFF_MIN,
+                full: cause.contains("No space left") || cause.contains("quota exceeded"),
             };
         }
     }
@@ -435,24 +459,34 @@ impl Inner {
     /// answers why it cannot be used.
     fn ensure_healthy(&self) -> Result<(), StoreError> {
         let mut health = self.health.lock();
-        let (cause, backoff) = match &*health {
+        let (cause, backoff, full) = match &*health {
             Health::Ok => return Ok(()),
             Health::Failing {
                 cause,
                 next_try,
                 backoff,
+                full,
             } => {
                 if Instant::now() < *next_try {
                     return Err(StoreError::Unavailable(format!(
                         "{cause} (the store cannot write; retrying)"
                     )));
                 }
-                (cause.clone(), *backoff)
+                (cause.clone(), *backoff, *full)
             }
         };
-        match quiet::catch(|| self.reopen()).unwrap_or_else(|panic| {
-            Err(StoreError::Unavailable(format!("re-opening failed: {panic}")))
-        }) {
+        let attempt = if full {
+            self.headroom().and_then(|()| {
+                quiet::catch(|| self.reopen()).unwrap_or_else(|panic| {
+                    Err(StoreError::Unavailable(format!("re-opening failed: {panic}")))
+                })
+            })
+        } else {
+            quiet::catch(|| self.reopen()).unwrap_or_else(|panic| {
+                Err(StoreError::Unavailable(format!("re-opening failed: {panic}")))
+            })
+        };
+        match attempt {
             Ok(()) => {
                 tracing::info!(file = %self.path.display(), after = %cause, "embedded store re-opened: writing again");
                 *health = Health::Ok;
@@ -466,6 +500,7 @@ impl Inner {
                 };
                 tracing::warn!(file = %self.path.display(), error = %cause, retry_ms = backoff.as_millis() as u64, "embedded store still failing");
                 *health = Health::Failing {
+                    full: full || cause.contains("No space left"),
                     cause: cause.clone(),
                     next_try: Instant::now() + backoff,
                     backoff,
@@ -475,6 +510,26 @@ impl Inner {
                 )))
             }
         }
+    }
+
+    /// Writes and removes [`HEADROOM_BYTES`] beside the data file: the disk has room again.
+    fn headroom(&self) -> Result<(), StoreError> {
+        let file = self.path.with_file_name(HEADROOM_FILE);
+        let written = std::fs::File::create(&file).and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(&vec![0u8; HEADROOM_BYTES])?;
+            f.sync_all()
+        });
+        let _ = std::fs::remove_file(&file);
+        written.map_err(|e| {
+            let kind = if e.raw_os_error() == Some(28) { "full" } else { "io" };
+            crate::metrics::store_error(kind);
+            StoreError::Unavailable(format!(
+                "embedded store: the disk of {} has less than {} MiB free: {e}",
+                self.path.display(),
+                HEADROOM_BYTES >> 20
+            ))
+        })
     }
 
     /// Closes and re-opens the database, proves a commit goes through, and reloads every org
