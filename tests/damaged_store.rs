@@ -28,15 +28,30 @@ async fn build_store(dir: &Path) {
     let primary = WorkspaceId::parse("primary", "w").unwrap();
     for o in 0..40 {
         let org = OrgId::parse(&format!("org-{o}"), "org").unwrap();
-        store.create_org(&org, Mode::Budget, &primary).await.unwrap();
         store
-            .apply(&org, &AdminOp::Purchase { amount: Amount::new(10_000).unwrap() }, None)
+            .create_org(&org, Mode::Budget, &primary)
+            .await
+            .unwrap();
+        store
+            .apply(
+                &org,
+                &AdminOp::Purchase {
+                    amount: Amount::new(10_000).unwrap(),
+                },
+                None,
+            )
             .await
             .unwrap();
         for w in 0..4 {
             let ws = WorkspaceId::parse(&format!("ws-{w}"), "w").unwrap();
             store
-                .apply(&org, &AdminOp::CreateWorkspace { workspace: ws.clone() }, None)
+                .apply(
+                    &org,
+                    &AdminOp::CreateWorkspace {
+                        workspace: ws.clone(),
+                    },
+                    None,
+                )
                 .await
                 .unwrap();
             let op = AdminOp::Transfer {
@@ -66,7 +81,11 @@ fn assert_clear_refusal(stderr: &str, file: &Path, what: &str) {
         "{what}: a panic reached stderr:\n{stderr}"
     );
     let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("damaged")).collect();
-    assert_eq!(lines.len(), 1, "{what}: one line names the damage:\n{stderr}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "{what}: one line names the damage:\n{stderr}"
+    );
     let line = lines[0];
     assert!(
         line.contains(&file.display().to_string()),

@@ -125,7 +125,12 @@ async fn a_full_disk_is_reported_and_the_node_recovers_once_space_is_freed() {
         }
     }
     let refusal = refusal.expect("the store never ran out of space");
-    assert_eq!(refusal.error_code(), "store_unavailable", "{}", refusal.text);
+    assert_eq!(
+        refusal.error_code(),
+        "store_unavailable",
+        "{}",
+        refusal.text
+    );
     assert!(
         refusal.text.contains("No space left"),
         "the refusal names the cause: {}",
@@ -136,7 +141,10 @@ async fn a_full_disk_is_reported_and_the_node_recovers_once_space_is_freed() {
     let (status, body) = ready_status(&p).await;
     assert_eq!(status, 503, "/readyz while the disk is full: {body}");
     assert!(
-        body["reason"].as_str().unwrap_or("").contains("No space left")
+        body["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("No space left")
             || body["reason"].as_str().unwrap_or("").contains("free"),
         "{body}"
     );
@@ -158,7 +166,10 @@ async fn a_full_disk_is_reported_and_the_node_recovers_once_space_is_freed() {
     // A control-plane change is refused with the cause, and stays refused while full (the
     // store retries in the background, with backoff).
     let a = c
-        .post("/v1/orgs/acme/workspaces", json!({"workspace": "while-full"}))
+        .post(
+            "/v1/orgs/acme/workspaces",
+            json!({"workspace": "while-full"}),
+        )
         .await;
     assert_eq!(a.status, 503, "{}", a.text);
     assert_eq!(a.error_code(), "store_unavailable");
@@ -167,9 +178,11 @@ async fn a_full_disk_is_reported_and_the_node_recovers_once_space_is_freed() {
 
     // Space is freed: the node writes again without a restart.
     std::fs::remove_file(fs.mount.join("filler")).unwrap();
-    eventually(Duration::from_secs(30), "/readyz 200 after space was freed", || async {
-        ready_status(&p).await.0 == 200
-    })
+    eventually(
+        Duration::from_secs(30),
+        "/readyz 200 after space was freed",
+        || async { ready_status(&p).await.0 == 200 },
+    )
     .await;
     // Every purchase whose outcome was unknown is retried with its key: applied once.
     for key in &unknown_keys {
@@ -206,13 +219,18 @@ async fn a_full_disk_is_reported_and_the_node_recovers_once_space_is_freed() {
         .map(|w| w["workspace"].as_str().unwrap())
         .collect();
     for ws in &acked_workspaces {
-        assert!(names.contains(&ws.as_str()), "acknowledged {ws} lost: {view}");
+        assert!(
+            names.contains(&ws.as_str()),
+            "acknowledged {ws} lost: {view}"
+        );
     }
     assert_conserved(&view);
     // Every allowed debit is charged exactly once once the settler catches up.
-    eventually(Duration::from_secs(20), "steady's usage settled", || async {
-        used(&c.org("steady").await, "primary") == allowed
-    })
+    eventually(
+        Duration::from_secs(20),
+        "steady's usage settled",
+        || async { used(&c.org("steady").await, "primary") == allowed },
+    )
     .await;
     let steady = c.org("steady").await;
     assert_conserved(&steady);

@@ -128,7 +128,15 @@ async fn embedded_to_a_redis_cluster_and_back_keeps_every_line() {
     // Embedded → file.
     let first = root.path().join("first.jsonl");
     let done = creditd(
-        &["export", "--store", "embedded", "--data-dir", &p(&embedded), "--to", &p(&first)],
+        &[
+            "export",
+            "--store",
+            "embedded",
+            "--data-dir",
+            &p(&embedded),
+            "--to",
+            &p(&first),
+        ],
         &[],
     );
     ok(&done, "export of the embedded store");
@@ -142,21 +150,49 @@ async fn embedded_to_a_redis_cluster_and_back_keeps_every_line() {
     let cluster = RedisCluster::start();
     let url = cluster.url();
     let done = creditd(
-        &["import", "--store", "redis", "--redis-url", &url, "--from", &p(&first)],
+        &[
+            "import",
+            "--store",
+            "redis",
+            "--redis-url",
+            &url,
+            "--from",
+            &p(&first),
+        ],
         &[],
     );
     ok(&done, "import into the cluster");
     let done = creditd(
-        &["import", "--store", "redis", "--redis-url", &url, "--from", &p(&first)],
+        &[
+            "import",
+            "--store",
+            "redis",
+            "--redis-url",
+            &url,
+            "--from",
+            &p(&first),
+        ],
         &[],
     );
     assert_eq!(done.status.code(), Some(1), "{}", done.stderr);
-    assert!(done.stderr.contains("already holds 3 org"), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("already holds 3 org"),
+        "{}",
+        done.stderr
+    );
 
     // Redis Cluster → file: the same lines.
     let second = root.path().join("second.jsonl");
     let done = creditd(
-        &["export", "--store", "redis", "--redis-url", &url, "--to", &p(&second)],
+        &[
+            "export",
+            "--store",
+            "redis",
+            "--redis-url",
+            &url,
+            "--to",
+            &p(&second),
+        ],
         &[],
     );
     ok(&done, "export of the cluster");
@@ -165,13 +201,29 @@ async fn embedded_to_a_redis_cluster_and_back_keeps_every_line() {
     // And back: file → a new embedded store → file: the same lines.
     let back = root.path().join("back");
     let done = creditd(
-        &["import", "--store", "embedded", "--data-dir", &p(&back), "--from", &p(&second)],
+        &[
+            "import",
+            "--store",
+            "embedded",
+            "--data-dir",
+            &p(&back),
+            "--from",
+            &p(&second),
+        ],
         &[],
     );
     ok(&done, "import back into an embedded store");
     let third = root.path().join("third.jsonl");
     let done = creditd(
-        &["export", "--store", "embedded", "--data-dir", &p(&back), "--to", &p(&third)],
+        &[
+            "export",
+            "--store",
+            "embedded",
+            "--data-dir",
+            &p(&back),
+            "--to",
+            &p(&third),
+        ],
         &[],
     );
     ok(&done, "export of the new embedded store");
@@ -196,7 +248,11 @@ async fn embedded_to_a_redis_cluster_and_back_keeps_every_line() {
         json!({"amount": 10_000, "idempotency_key": "order-1"}),
     )
     .await;
-    assert_eq!(replay.body["purchased"], before[0]["purchased"], "{}", replay.text);
+    assert_eq!(
+        replay.body["purchased"], before[0]["purchased"],
+        "{}",
+        replay.text
+    );
     let a = c
         .post(
             "/v1/orgs/acme/credits",
@@ -209,7 +265,11 @@ async fn embedded_to_a_redis_cluster_and_back_keeps_every_line() {
 
     // The embedded store the export went back into serves the same views.
     let node = Process::spawn(&back, &[]).await;
-    assert_eq!(views(&node.client).await, before, "org views after the way back");
+    assert_eq!(
+        views(&node.client).await,
+        before,
+        "org views after the way back"
+    );
     assert_eq!(node.terminate().code(), Some(0));
 }
 
@@ -237,7 +297,11 @@ async fn a_backup_under_load_restores_to_a_conserved_state() {
                 if c.debit("globex", "team", 1).await.status == 200 {
                     allowed.fetch_add(1, Ordering::Relaxed);
                 }
-                let (from, to) = if i % 2 == 0 { ("primary", "ws-b") } else { ("ws-b", "primary") };
+                let (from, to) = if i % 2 == 0 {
+                    ("primary", "ws-b")
+                } else {
+                    ("ws-b", "primary")
+                };
                 let a = c.transfer("acme", from, to, 3).await;
                 assert!(a.status == 200 || a.status == 402, "{}", a.text);
             }
@@ -296,7 +360,13 @@ async fn a_backup_under_load_restores_to_a_conserved_state() {
 
     // The backup restores into an empty store, which `check` passes...
     let done = creditd(
-        &["restore", "--data-dir", &p(&restored), "--from", &p(&backup)],
+        &[
+            "restore",
+            "--data-dir",
+            &p(&restored),
+            "--from",
+            &p(&backup),
+        ],
         &[],
     );
     ok(&done, "restore");
@@ -304,7 +374,13 @@ async fn a_backup_under_load_restores_to_a_conserved_state() {
     ok(&done, "check of the restored store");
     // ...and not into a non-empty one.
     let done = creditd(
-        &["restore", "--data-dir", &p(&restored), "--from", &p(&backup)],
+        &[
+            "restore",
+            "--data-dir",
+            &p(&restored),
+            "--from",
+            &p(&backup),
+        ],
         &[],
     );
     assert_eq!(done.status.code(), Some(1), "{}", done.stderr);

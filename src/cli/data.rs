@@ -212,10 +212,7 @@ async fn export_to(config: &Config, to: Option<&Path>) -> ExitCode {
         }
         Some(path) => {
             if let Err(e) = write_atomically(path, &out) {
-                return fail(
-                    EXIT_FAILED,
-                    format!("cannot write {}: {e}", path.display()),
-                );
+                return fail(EXIT_FAILED, format!("cannot write {}: {e}", path.display()));
             }
             eprintln!("exported {orgs} orgs to {}", path.display());
         }
@@ -276,7 +273,13 @@ async fn backup(remote: &Remote, to: &Path) -> ExitCode {
         let parsed: Option<serde_json::Value> = serde_json::from_slice(&answer.body).ok();
         let message = parsed
             .as_ref()
-            .and_then(|v| Some(format!("{}: {}", v["error"].as_str()?, v["message"].as_str()?)))
+            .and_then(|v| {
+                Some(format!(
+                    "{}: {}",
+                    v["error"].as_str()?,
+                    v["message"].as_str()?
+                ))
+            })
             .unwrap_or_else(|| format!("http_{}: {}", answer.status.as_u16(), text.trim()));
         return fail(EXIT_FAILED, format!("error: {message}"));
     }

@@ -138,9 +138,7 @@ fn error_kind(e: &redb::Error) -> &'static str {
     // ENOSPC and EDQUOT (Linux): `io::ErrorKind::StorageFull` is newer than our rust-version.
     const NO_SPACE: [i32; 2] = [28, 122];
     match e {
-        redb::Error::Io(io) if io.raw_os_error().is_some_and(|c| NO_SPACE.contains(&c)) => {
-            "full"
-        }
+        redb::Error::Io(io) if io.raw_os_error().is_some_and(|c| NO_SPACE.contains(&c)) => "full",
         redb::Error::Io(_) | redb::Error::PreviousIo => "io",
         redb::Error::Corrupted(_) => "corrupt",
         _ => "other",
@@ -157,7 +155,11 @@ fn io<E: Into<redb::Error>>(e: E) -> StoreError {
 /// What to do about a damaged or unreadable data file, for every message that names one.
 fn damaged(path: &Path, why: impl std::fmt::Display) -> StoreError {
     // One line: a panic's message (an assertion's) may span several.
-    let why = why.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+    let why = why
+        .to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     StoreError::Corrupt(format!(
         "data file {} is damaged or unreadable ({why}); restore a backup (creditd restore \
          --from FILE into an empty data_dir) or run `creditd check --data-dir {}` for details",
@@ -184,8 +186,7 @@ fn open_db(path: &Path) -> Result<Database, StoreError> {
                     path.display()
                 )),
                 redb::Error::Io(io)
-                    if io.kind() == std::io::ErrorKind::NotFound
-                        || error_kind(&e) == "full" =>
+                    if io.kind() == std::io::ErrorKind::NotFound || error_kind(&e) == "full" =>
                 {
                     crate::metrics::store_error(error_kind(&e));
                     StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))
@@ -230,10 +231,9 @@ impl TempCopy {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let copy = TempCopy(std::env::temp_dir().join(format!(
-            "creditd-check-{}-{nanos}.redb",
-            std::process::id()
-        )));
+        let copy = TempCopy(
+            std::env::temp_dir().join(format!("creditd-check-{}-{nanos}.redb", std::process::id())),
+        );
         std::fs::copy(path, &copy.0).map_err(|e| {
             StoreError::Unavailable(format!(
                 "cannot copy {} to {} to check it: {e}",
@@ -253,12 +253,7 @@ impl Drop for TempCopy {
 
 /// An error about a checked copy, told about the original file (and its folder).
 fn rename(e: StoreError, copy: &Path, original: &Path) -> StoreError {
-    let parent = |p: &Path| {
-        p.parent()
-            .unwrap_or(Path::new("."))
-            .display()
-            .to_string()
-    };
+    let parent = |p: &Path| p.parent().unwrap_or(Path::new(".")).display().to_string();
     let fix = |m: String| {
         m.replace(&copy.display().to_string(), &original.display().to_string())
             .replace(
@@ -288,7 +283,12 @@ fn load_all(path: &Path, db: &Database) -> Result<Loaded, StoreError> {
         let bad = |e: &dyn std::fmt::Display| damaged(path, e);
         let read = db.begin_read().map_err(io)?;
         let mut orgs = HashMap::new();
-        for item in read.open_table(ORGS).map_err(|e| bad(&e))?.iter().map_err(|e| bad(&e))? {
+        for item in read
+            .open_table(ORGS)
+            .map_err(|e| bad(&e))?
+            .iter()
+            .map_err(|e| bad(&e))?
+        {
             let (_, value) = item.map_err(|e| bad(&e))?;
             let stored: StoredOrg = serde_json::from_slice(value.value()).map_err(|e| bad(&e))?;
             if !stored.record.is_conserved() {
@@ -297,7 +297,12 @@ fn load_all(path: &Path, db: &Database) -> Result<Loaded, StoreError> {
             orgs.insert(stored.record.org.clone(), stored);
         }
         let mut ledger_entries = 0u64;
-        for item in read.open_table(LEDGER).map_err(|e| bad(&e))?.iter().map_err(|e| bad(&e))? {
+        for item in read
+            .open_table(LEDGER)
+            .map_err(|e| bad(&e))?
+            .iter()
+            .map_err(|e| bad(&e))?
+        {
             let (key, value) = item.map_err(|e| bad(&e))?;
             let (org, seq) = key.value();
             let entry: LedgerEntry = serde_json::from_slice(value.value()).map_err(|e| bad(&e))?;
@@ -305,7 +310,9 @@ fn load_all(path: &Path, db: &Database) -> Result<Loaded, StoreError> {
                 .get(org)
                 .is_some_and(|s: &StoredOrg| seq <= s.ledger_seq && entry.seq == seq);
             if !known {
-                return Err(bad(&format!("ledger entry {seq} of org {org} belongs to no org")));
+                return Err(bad(&format!(
+                    "ledger entry {seq} of org {org} belongs to no org"
+                )));
             }
             ledger_entries += 1;
         }
@@ -320,7 +327,12 @@ fn load_all(path: &Path, db: &Database) -> Result<Loaded, StoreError> {
             serde_json::from_slice::<RememberedKey>(value.value()).map_err(|e| bad(&e))?;
             keys += 1;
         }
-        for item in read.open_table(META).map_err(|e| bad(&e))?.iter().map_err(|e| bad(&e))? {
+        for item in read
+            .open_table(META)
+            .map_err(|e| bad(&e))?
+            .iter()
+            .map_err(|e| bad(&e))?
+        {
             item.map_err(|e| bad(&e))?;
         }
         Ok(Loaded {
@@ -432,7 +444,10 @@ impl EmbeddedStore {
 
 impl Inner {
     /// Runs `f` on the open database.
-    fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         match self.db.read().as_ref() {
             Some(db) => f(db),
             None => Err(StoreError::Unavailable(
@@ -478,12 +493,16 @@ impl Inner {
         let attempt = if full {
             self.headroom().and_then(|()| {
                 quiet::catch(|| self.reopen()).unwrap_or_else(|panic| {
-                    Err(StoreError::Unavailable(format!("re-opening failed: {panic}")))
+                    Err(StoreError::Unavailable(format!(
+                        "re-opening failed: {panic}"
+                    )))
                 })
             })
         } else {
             quiet::catch(|| self.reopen()).unwrap_or_else(|panic| {
-                Err(StoreError::Unavailable(format!("re-opening failed: {panic}")))
+                Err(StoreError::Unavailable(format!(
+                    "re-opening failed: {panic}"
+                )))
             })
         };
         match attempt {
@@ -522,7 +541,11 @@ impl Inner {
         });
         let _ = std::fs::remove_file(&file);
         written.map_err(|e| {
-            let kind = if e.raw_os_error() == Some(28) { "full" } else { "io" };
+            let kind = if e.raw_os_error() == Some(28) {
+                "full"
+            } else {
+                "io"
+            };
             crate::metrics::store_error(kind);
             StoreError::Unavailable(format!(
                 "embedded store: the disk of {} has less than {} MiB free: {e}",
@@ -584,45 +607,45 @@ impl Inner {
     ) -> Result<(), StoreError> {
         let at_ms = unix_ms();
         let installed = self.with_db(|db| {
-        let txn = db.begin_write().map_err(io)?;
-        let mut installed = Vec::with_capacity(changes.len());
-        {
-            let mut org_table = txn.open_table(ORGS).map_err(io)?;
-            let mut ledger = txn.open_table(LEDGER).map_err(io)?;
-            for (mut stored, events) in changes {
-                let org = stored.record.org.clone();
-                for event in events {
-                    stored.ledger_seq += 1;
-                    let entry = LedgerEntry {
-                        seq: stored.ledger_seq,
-                        at_ms,
-                        event,
-                    };
-                    let bytes = serde_json::to_vec(&entry).map_err(corrupt)?;
-                    ledger
-                        .insert((org.as_str(), stored.ledger_seq), bytes.as_slice())
+            let txn = db.begin_write().map_err(io)?;
+            let mut installed = Vec::with_capacity(changes.len());
+            {
+                let mut org_table = txn.open_table(ORGS).map_err(io)?;
+                let mut ledger = txn.open_table(LEDGER).map_err(io)?;
+                for (mut stored, events) in changes {
+                    let org = stored.record.org.clone();
+                    for event in events {
+                        stored.ledger_seq += 1;
+                        let entry = LedgerEntry {
+                            seq: stored.ledger_seq,
+                            at_ms,
+                            event,
+                        };
+                        let bytes = serde_json::to_vec(&entry).map_err(corrupt)?;
+                        ledger
+                            .insert((org.as_str(), stored.ledger_seq), bytes.as_slice())
+                            .map_err(io)?;
+                    }
+                    let bytes = serde_json::to_vec(&stored).map_err(corrupt)?;
+                    org_table
+                        .insert(org.as_str(), bytes.as_slice())
+                        .map_err(io)?;
+                    installed.push(stored);
+                }
+                if let Some((key, value)) = &remembered {
+                    let bytes = serde_json::to_vec(value).map_err(corrupt)?;
+                    txn.open_table(IDEMPOTENCY)
+                        .map_err(io)?
+                        .insert(key.as_str(), bytes.as_slice())
                         .map_err(io)?;
                 }
-                let bytes = serde_json::to_vec(&stored).map_err(corrupt)?;
-                org_table
-                    .insert(org.as_str(), bytes.as_slice())
-                    .map_err(io)?;
-                installed.push(stored);
+                let mut meta_table = txn.open_table(META).map_err(io)?;
+                for (k, v) in meta {
+                    meta_table.insert(*k, *v).map_err(io)?;
+                }
             }
-            if let Some((key, value)) = &remembered {
-                let bytes = serde_json::to_vec(value).map_err(corrupt)?;
-                txn.open_table(IDEMPOTENCY)
-                    .map_err(io)?
-                    .insert(key.as_str(), bytes.as_slice())
-                    .map_err(io)?;
-            }
-            let mut meta_table = txn.open_table(META).map_err(io)?;
-            for (k, v) in meta {
-                meta_table.insert(*k, *v).map_err(io)?;
-            }
-        }
-        txn.commit().map_err(io)?;
-        Ok(installed)
+            txn.commit().map_err(io)?;
+            Ok(installed)
         })?;
         if remembered.is_some() {
             *self.idempotency_keys.lock() += 1;
@@ -848,29 +871,30 @@ impl Store for EmbeddedStore {
                 return Err(StoreError::UnknownOrg(org));
             }
             inner.with_db(|db| {
-            let read = db.begin_read().map_err(io)?;
-            let table = read.open_table(LEDGER).map_err(io)?;
-            let start = after.saturating_add(1);
-            let mut entries = Vec::with_capacity(limit.min(1024));
-            let mut more = false;
-            for item in table
-                .range((org.as_str(), start)..=(org.as_str(), u64::MAX))
-                .map_err(io)?
-            {
-                let (_, value) = item.map_err(io)?;
-                if entries.len() == limit {
-                    more = true;
-                    break;
+                let read = db.begin_read().map_err(io)?;
+                let table = read.open_table(LEDGER).map_err(io)?;
+                let start = after.saturating_add(1);
+                let mut entries = Vec::with_capacity(limit.min(1024));
+                let mut more = false;
+                for item in table
+                    .range((org.as_str(), start)..=(org.as_str(), u64::MAX))
+                    .map_err(io)?
+                {
+                    let (_, value) = item.map_err(io)?;
+                    if entries.len() == limit {
+                        more = true;
+                        break;
+                    }
+                    entries.push(
+                        serde_json::from_slice::<LedgerEntry>(value.value()).map_err(corrupt)?,
+                    );
                 }
-                entries
-                    .push(serde_json::from_slice::<LedgerEntry>(value.value()).map_err(corrupt)?);
-            }
-            let next = if more {
-                entries.last().map(|e| e.seq)
-            } else {
-                None
-            };
-            Ok(LedgerPage { entries, next })
+                let next = if more {
+                    entries.last().map(|e| e.seq)
+                } else {
+                    None
+                };
+                Ok(LedgerPage { entries, next })
             })
         })
         .await
@@ -881,21 +905,21 @@ impl Store for EmbeddedStore {
             let ttl_ms = inner.options.idempotency_ttl.as_millis() as u64;
             let _orgs = inner.orgs.lock();
             let remaining = inner.with_db(|db| {
-            let txn = db.begin_write().map_err(io)?;
-            let remaining;
-            {
-                let mut table = txn.open_table(IDEMPOTENCY).map_err(io)?;
-                table
-                    .retain(|_, value| {
-                        serde_json::from_slice::<RememberedKey>(value)
-                            .map(|r| now_ms.saturating_sub(r.at_ms) <= ttl_ms)
-                            .unwrap_or(false)
-                    })
-                    .map_err(io)?;
-                remaining = table.len().map_err(io)? as usize;
-            }
-            txn.commit().map_err(io)?;
-            Ok(remaining)
+                let txn = db.begin_write().map_err(io)?;
+                let remaining;
+                {
+                    let mut table = txn.open_table(IDEMPOTENCY).map_err(io)?;
+                    table
+                        .retain(|_, value| {
+                            serde_json::from_slice::<RememberedKey>(value)
+                                .map(|r| now_ms.saturating_sub(r.at_ms) <= ttl_ms)
+                                .unwrap_or(false)
+                        })
+                        .map_err(io)?;
+                    remaining = table.len().map_err(io)? as usize;
+                }
+                txn.commit().map_err(io)?;
+                Ok(remaining)
             })?;
             *inner.idempotency_keys.lock() = remaining;
             Ok(())
@@ -930,7 +954,11 @@ impl Store for EmbeddedStore {
             inner.with_db(|db| {
                 // One read transaction: the record, its ledger and its keys of one instant.
                 let read = db.begin_read().map_err(io)?;
-                let Some(value) = read.open_table(ORGS).map_err(io)?.get(org.as_str()).map_err(io)?
+                let Some(value) = read
+                    .open_table(ORGS)
+                    .map_err(io)?
+                    .get(org.as_str())
+                    .map_err(io)?
                 else {
                     return Ok(None);
                 };
@@ -943,7 +971,9 @@ impl Store for EmbeddedStore {
                     .map_err(io)?
                 {
                     let (_, value) = item.map_err(io)?;
-                    ledger.push(serde_json::from_slice::<LedgerEntry>(value.value()).map_err(corrupt)?);
+                    ledger.push(
+                        serde_json::from_slice::<LedgerEntry>(value.value()).map_err(corrupt)?,
+                    );
                 }
                 let prefix = format!("{org}\u{1f}");
                 let mut keys = Vec::new();
@@ -960,7 +990,8 @@ impl Store for EmbeddedStore {
                     let Some((scope, key)) = rest.split_once('\u{1f}') else {
                         return Err(corrupt(format!("idempotency key name {rest:?}")));
                     };
-                    let r: RememberedKey = serde_json::from_slice(value.value()).map_err(corrupt)?;
+                    let r: RememberedKey =
+                        serde_json::from_slice(value.value()).map_err(corrupt)?;
                     let expires_ms = r.at_ms.saturating_add(ttl_ms);
                     if expires_ms > now_ms {
                         keys.push(KeyDump {

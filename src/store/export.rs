@@ -166,8 +166,12 @@ pub fn prior_life_of(store: &dyn Store) -> PriorLife {
 }
 
 /// Writes every org of `store` to `out`, orgs in id order; returns how many.
-pub async fn export(store: &dyn Store, out: &mut (impl Write + ?Sized)) -> Result<usize, StoreError> {
-    let failed = |e: std::io::Error| StoreError::Unavailable(format!("cannot write the export: {e}"));
+pub async fn export(
+    store: &dyn Store,
+    out: &mut (impl Write + ?Sized),
+) -> Result<usize, StoreError> {
+    let failed =
+        |e: std::io::Error| StoreError::Unavailable(format!("cannot write the export: {e}"));
     write_line(out, &Line::CreditdExport { format: FORMAT }).map_err(failed)?;
     let mut orgs = store.list_orgs().await?;
     orgs.sort();
@@ -235,7 +239,11 @@ pub fn read(input: impl BufRead) -> Result<Vec<OrgDump>, ImportError> {
             }
             Line::Ledger { org, entry } => match dumps.get_mut(&org) {
                 Some(d) => d.ledger.push(entry),
-                None => return Err(invalid(format!("ledger entry of org {org} before its org line"))),
+                None => {
+                    return Err(invalid(format!(
+                        "ledger entry of org {org} before its org line"
+                    )))
+                }
             },
             Line::Key { org, key } => match dumps.get_mut(&org) {
                 Some(d) => d.keys.push(key),

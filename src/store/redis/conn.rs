@@ -100,12 +100,22 @@ impl Redis {
     async fn try_call<T: FromRedisValue>(&self, op: &'static str, cmd: &Cmd) -> Result<T, Failure> {
         crate::metrics::store_call(op);
         match tokio::time::timeout(self.call_timeout, self.conn.query(cmd)).await {
-            Err(_) => Err(Failure::Store(StoreError::Unavailable(format!(
-                "redis did not answer {op} within {}ms; its outcome is unknown",
-                self.call_timeout.as_millis()
-            )))),
+            Err(_) => {
+                crate::metrics::store_error("unavailable");
+                Err(Failure::Store(StoreError::Unavailable(format!(
+                    "redis did not answer {op} within {}ms; its outcome is unknown",
+                    self.call_timeout.as_millis()
+                ))))
+            }
             Ok(Err(e)) if e.kind() == ErrorKind::NoScriptError => Err(Failure::NoScript),
-            Ok(Err(e)) => Err(Failure::Store(store_error(op, &e))),
+            Ok(Err(e)) => {
+                let e = store_error(op, &e);
+                crate::metrics::store_error(match e {
+                    StoreError::Unavailable(_) => "unavailable",
+                    _ => "corrupt",
+                });
+                Err(Failure::Store(e))
+            }
             Ok(Ok(v)) => Ok(v),
         }
     }
