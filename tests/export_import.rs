@@ -1,6 +1,6 @@
 //! Backups and moving between stores, through the real binary: `creditd export` of an embedded
-//! store, `creditd import` into a real 3-master Redis Cluster and back into a new embedded
-//! store, each export identical to the first (byte for byte, lines sorted) and the org views
+//! store, `creditd import` into a real 3-master Redis Cluster, a standalone Redis, and back into
+//! a new embedded store, each export identical to the first (byte for byte, lines sorted) and the org views
 //! and idempotency keys equal; `creditd backup` of a node under load restores (`creditd
 //! restore`) to a state where every org is conserved; a non-empty target and a bad file are
 //! refused and change nothing.
@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use common::{assert_conserved, binary, run_bounded, Finished, Process, TOKEN};
 use serde_json::{json, Value};
-use support::redis::RedisCluster;
+use support::redis::{RedisCluster, RedisServer};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -123,6 +123,27 @@ async fn embedded_to_a_redis_cluster_and_back_keeps_every_line() {
     populate(&node.client).await;
     let before = views(&node.client).await;
     let ledger_before = node.client.ledger_all("acme").await;
+    // A running node has its file open: `export` says so and points to `backup`.
+    let busy = root.path().join("busy.jsonl");
+    let done = creditd(
+        &[
+            "export",
+            "--store",
+            "embedded",
+            "--data-dir",
+            &p(&embedded),
+            "--to",
+            &p(&busy),
+        ],
+        &[],
+    );
+    assert_eq!(done.status.code(), Some(1), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("in use") && done.stderr.contains("creditd backup"),
+        "{}",
+        done.stderr
+    );
+    assert!(!busy.exists());
     assert_eq!(node.terminate().code(), Some(0));
 
     // Embedded → file.
@@ -197,6 +218,41 @@ async fn embedded_to_a_redis_cluster_and_back_keeps_every_line() {
     );
     ok(&done, "export of the cluster");
     assert_eq!(sorted_lines(&second), lines, "cluster export differs");
+
+    // The same through a standalone Redis (one master to SCAN).
+    let standalone = RedisServer::start();
+    let done = creditd(
+        &[
+            "import",
+            "--store",
+            "redis",
+            "--redis-url",
+            &standalone.url(),
+            "--from",
+            &p(&second),
+        ],
+        &[],
+    );
+    ok(&done, "import into a standalone redis");
+    let via_standalone = root.path().join("standalone.jsonl");
+    let done = creditd(
+        &[
+            "export",
+            "--store",
+            "redis",
+            "--redis-url",
+            &standalone.url(),
+            "--to",
+            &p(&via_standalone),
+        ],
+        &[],
+    );
+    ok(&done, "export of the standalone redis");
+    assert_eq!(
+        sorted_lines(&via_standalone),
+        lines,
+        "standalone export differs"
+    );
 
     // And back: file → a new embedded store → file: the same lines.
     let back = root.path().join("back");
