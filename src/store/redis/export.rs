@@ -159,8 +159,14 @@ impl RedisStore {
             let (Some(addr), Some(flags)) = (fields.get(1), fields.get(2)) else {
                 continue;
             };
-            if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
+            if !flags.split(',').any(|f| f == "master") {
                 continue;
+            }
+            // Its orgs would be missing from the export without a word: refuse instead.
+            if flags.contains("fail") || flags.contains("noaddr") {
+                return Err(StoreError::Unavailable(format!(
+                    "redis cluster: master {addr} is {flags}; an export needs every master"
+                )));
             }
             // ip:port@cport[,hostname]
             let hostport = addr.split('@').next().unwrap_or("");
