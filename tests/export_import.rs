@@ -317,7 +317,76 @@ async fn embedded_to_a_redis_cluster_and_back_keeps_every_line() {
         .await;
     assert_eq!(a.status, 409, "same key, other request: {}", a.text);
     assert_eq!(c.org("acme").await["purchased"], before[0]["purchased"]);
+    // Work done on Redis (ledger entries and a key written by its scripts) moves back too.
+    keyed(
+        c,
+        "/v1/orgs/acme/credits",
+        json!({"amount": 50, "idempotency_key": "order-2"}),
+    )
+    .await;
+    let a = c.transfer("acme", "primary", "ws-a", 10).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    for _ in 0..3 {
+        assert_eq!(c.debit("acme", "ws-a", 2).await.status, 200);
+    }
     assert_eq!(redis_node.terminate().code(), Some(0));
+    let redis_node = Process::spawn(
+        &root.path().join("unused"),
+        &[
+            ("CREDITD_STORE", "redis"),
+            ("CREDITD_REDIS_URL", &url),
+            ("CREDITD_NODE_ID", "gw-1"),
+        ],
+    )
+    .await;
+    let on_redis = views(&redis_node.client).await;
+    let ledger_on_redis = redis_node.client.ledger_all("acme").await;
+    assert_eq!(redis_node.terminate().code(), Some(0));
+    let fourth = root.path().join("fourth.jsonl");
+    let done = creditd(
+        &[
+            "export",
+            "--store",
+            "redis",
+            "--redis-url",
+            &url,
+            "--to",
+            &p(&fourth),
+        ],
+        &[],
+    );
+    ok(&done, "export of the cluster after work on it");
+    let again = root.path().join("again");
+    let done = creditd(
+        &[
+            "import",
+            "--store",
+            "embedded",
+            "--data-dir",
+            &p(&again),
+            "--from",
+            &p(&fourth),
+        ],
+        &[],
+    );
+    ok(&done, "import of the cluster's work into an embedded store");
+    let node = Process::spawn(&again, &[]).await;
+    let c = &node.client;
+    assert_eq!(views(c).await, on_redis, "org views moved from the cluster");
+    assert_eq!(c.ledger_all("acme").await, ledger_on_redis, "acme's ledger");
+    let replay = keyed(
+        c,
+        "/v1/orgs/acme/credits",
+        json!({"amount": 50, "idempotency_key": "order-2"}),
+    )
+    .await;
+    assert_eq!(
+        replay.body["purchased"], on_redis[0]["purchased"],
+        "{}",
+        replay.text
+    );
+    assert_eq!(c.org("acme").await["purchased"], on_redis[0]["purchased"]);
+    assert_eq!(node.terminate().code(), Some(0));
 
     // The embedded store the export went back into serves the same views.
     let node = Process::spawn(&back, &[]).await;
