@@ -285,3 +285,74 @@ pub async fn import(store: &dyn Store, dumps: &[OrgDump]) -> Result<usize, Impor
     }
     Ok(dumps.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Mode, WorkspaceId};
+
+    fn export_text() -> String {
+        let org = OrgId::parse("acme", "org").unwrap();
+        let primary = WorkspaceId::parse("primary", "w").unwrap();
+        let (mut record, created) = OrgRecord::new(org.clone(), Mode::Shared, primary);
+        let bought = record
+            .purchase(crate::model::Amount::new(100).unwrap())
+            .unwrap();
+        let dump = OrgDump {
+            record,
+            ledger: vec![
+                LedgerEntry {
+                    seq: 1,
+                    at_ms: 1,
+                    event: created,
+                },
+                LedgerEntry {
+                    seq: 2,
+                    at_ms: 2,
+                    event: bought,
+                },
+            ],
+            keys: Vec::new(),
+        };
+        let mut out = Vec::new();
+        write_line(&mut out, &Line::CreditdExport { format: FORMAT }).unwrap();
+        for line in dump.lines() {
+            write_line(&mut out, &line).unwrap();
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    fn refusal(text: &str) -> String {
+        read(text.as_bytes()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn an_export_reads_back_whole() {
+        let dumps = read(export_text().as_bytes()).unwrap();
+        assert_eq!(dumps.len(), 1);
+        assert_eq!(dumps[0].ledger.len(), 2);
+        assert_eq!(dumps[0].record.purchased, 100);
+    }
+
+    #[test]
+    fn a_bad_file_is_refused_naming_the_line_or_the_org() {
+        let text = export_text();
+        assert!(refusal("").contains("not a creditd export"));
+        let headless: String = text.lines().skip(1).collect::<Vec<_>>().join("\n");
+        assert!(refusal(&headless).starts_with("line 1: the first line must be the header"));
+        let newer = text.replace("\"format\":1", "\"format\":2");
+        assert!(refusal(&newer).contains("export format 2"));
+        let garbled = text.replacen("\"line\":\"ledger\"", "\"line\":\"ledgr\"", 1);
+        assert!(
+            refusal(&garbled).starts_with("line 3:"),
+            "{}",
+            refusal(&garbled)
+        );
+        let inflated = text.replacen("\"purchased\":100", "\"purchased\":101", 1);
+        assert!(refusal(&inflated).contains("org acme: not conserved"));
+        let gap = text.replacen("\"seq\":2", "\"seq\":3", 1);
+        assert!(refusal(&gap).contains("has seq 3"), "{}", refusal(&gap));
+        let twice = format!("{text}{}\n", text.lines().nth(1).unwrap());
+        assert!(refusal(&twice).contains("org acme appears twice"));
+    }
+}

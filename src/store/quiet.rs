@@ -42,3 +42,15 @@ pub fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
             .unwrap_or_else(|| "panic without a message".into())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_panic_becomes_its_message() {
+        assert_eq!(super::catch(|| 7), Ok(7));
+        let caught = super::catch(|| -> u8 { panic!("page {} is damaged", 3) });
+        assert_eq!(caught, Err("page 3 is damaged".to_string()));
+        let caught = super::catch(|| -> u8 { panic!("static message") });
+        assert_eq!(caught, Err("static message".to_string()));
+    }
+}

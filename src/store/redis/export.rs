@@ -338,3 +338,55 @@ impl RedisStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Amount, Mode, WorkspaceId};
+
+    #[test]
+    fn a_remembered_view_reads_back_as_the_same_view() {
+        let org = OrgId::parse("acme", "org").unwrap();
+        let primary = WorkspaceId::parse("primary", "w").unwrap();
+        let ws = WorkspaceId::parse("ws-a", "w").unwrap();
+        let (mut record, _) = OrgRecord::new(org.clone(), Mode::Budget, primary.clone());
+        record.purchase(Amount::new(1_000).unwrap()).unwrap();
+        record.create_workspace(ws.clone()).unwrap();
+        record
+            .transfer(&primary, &ws, Amount::new(300).unwrap())
+            .unwrap();
+        let mut view = record.view();
+        // A view with credits held by reservations and some usage, as a remembered outcome
+        // may show.
+        for w in &mut view.workspaces {
+            if w.workspace == ws {
+                w.balance -= 120;
+                w.held = 70;
+                w.used = 50;
+            }
+        }
+        view.held = 70;
+        view.used = 50;
+        view.total_credits = 950;
+        let outcome = AdminOutcome {
+            view: view.clone(),
+            returned: 0,
+            replayed: false,
+        };
+        let synthesized = record_of_view(&outcome).unwrap();
+        assert!(synthesized.is_conserved());
+        let tokens = state_tokens(&synthesized);
+        let read = Tokens::new(&tokens, "test").record(&org).unwrap();
+        assert_eq!(read.view(), view);
+    }
+
+    #[test]
+    fn org_ids_come_from_meta_keys_only() {
+        assert_eq!(
+            org_of_meta_key("creditd:{acme}:meta").map(|o| o.to_string()),
+            Some("acme".to_string())
+        );
+        assert_eq!(org_of_meta_key("creditd:{acme}:bal"), None);
+        assert_eq!(org_of_meta_key("creditd:node:n1:epoch"), None);
+    }
+}
