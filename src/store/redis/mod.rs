@@ -31,8 +31,9 @@
 //! Each `.lua` file here starts with its KEYS, ARGV, reply and invariant; `common.lua` is
 //! prepended to each. `create_org`, `apply` (every control-plane op, with the idempotency key
 //! checked and remembered in the same script), `settle` (one org's batch, exactly once by
-//! (node, epoch, seq), then expiry of silent nodes' leases), `load` and `ledger` (reads).
-//! Every script reads and validates everything before its first write: Redis does not roll a
+//! (node, epoch, seq), then expiry of silent nodes' leases), `load` and `ledger` (reads),
+//! `export` (one org whole, read only) and `import` (one org of an export into a store
+//! without it). Every script reads and validates everything before its first write: Redis does not roll a
 //! script back.
 //!
 //! # Failures
