@@ -13,9 +13,8 @@ pub const NDJSON: &str = "application/x-ndjson";
 
 pub(super) async fn export(app: &App, parts: &Parts) -> Result<Resp, ApiError> {
     control::authorize(app, parts)?;
-    // Settle first: the export then carries this node's usage up to now, not up to the last
-    // settle interval.
-    app.node.tick().await;
+    // No settle round of its own first: one beside the settler's could start two new lives
+    // of the node at once. The export lacks at most one settle interval of this node's usage.
     let mut out = Vec::new();
     let orgs = crate::store::export::export(&**app.node.store(), &mut out)
         .await

@@ -23,7 +23,7 @@
 //! store closes a node that died (embedded: back to the balances; Redis: counted as consumed),
 //! with its ledger entries: the import starts with no node holding anything, and conservation
 //! holds on every exported org. Usage a running node had not settled yet is not in it (at
-//! most one settle interval; `creditd backup` settles first).
+//! most one settle interval).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
