@@ -1,4 +1,4 @@
-//! A damaged or unreadable data file: `creditd serve` refuses it with one clear line naming the
+//! A damaged, truncated or emptied data file: `creditd serve` refuses it with one clear line naming the
 //! file and the next step, and exit code 65, never a panic trace nor a new empty store; and
 //! `creditd check` finds the damage offline (and passes a sound file).
 
@@ -166,6 +166,21 @@ async fn a_damaged_file_is_refused_with_one_clear_line_and_exit_65() {
             "damage at {offset}: the damaged file was changed"
         );
     }
+
+    // A file cut short.
+    let dir = root.path().join("truncated");
+    std::fs::create_dir(&dir).unwrap();
+    let file = dir.join(DB_FILE);
+    std::fs::copy(&original, &file).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(size / 2)
+        .unwrap();
+    let (status, stderr) = serve(&dir);
+    assert_eq!(status.code(), Some(EXIT_DAMAGED), "{stderr}");
+    assert_clear_refusal(&stderr, &file, "serve, truncated file");
 
     // An emptied file is damage too, not a new empty store.
     let dir = root.path().join("emptied");
