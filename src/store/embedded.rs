@@ -311,7 +311,7 @@ fn load_all(path: &Path, db: &Database) -> Result<Loaded, StoreError> {
                 .is_some_and(|s: &StoredOrg| seq <= s.ledger_seq && entry.seq == seq);
             if !known {
                 return Err(bad(&format!(
-                    "ledger entry {seq} of org {org} belongs to no org"
+                    "ledger entry {seq} of org {org} does not fit that org's ledger"
                 )));
             }
             ledger_entries += 1;
