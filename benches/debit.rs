@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion};
 use parking_lot::Mutex;
 
-use creditd::cache::{Account, Cache, Debit, Pool, Take};
+use creditd::cache::{Account, Cache, Decision, Lease, Spend};
 use creditd::config::Config;
 use creditd::model::{Amount, Mode, NodeId, OrgId, WorkspaceId};
-use creditd::node::{Decision, Node, NodeOptions};
+use creditd::node::{Node, NodeOptions};
 use creditd::store::embedded::{EmbeddedOptions, EmbeddedStore};
-use creditd::store::AdminOp;
+use creditd::store::ControlOp;
 
 const ORG: &str = "acme";
 const WS_A: &str = "ws-a";
@@ -37,10 +37,10 @@ fn creditd_cache() -> Cache {
     let org = OrgId::parse(ORG, "org").unwrap();
     for ws in [WS_A, WS_B] {
         let ws = WorkspaceId::parse(ws, "workspace").unwrap();
-        let pool = Arc::new(Pool::new(ws.clone()));
-        pool.give(HUGE_LEASE);
-        pool.set_store_left(0);
-        cache.insert(Arc::new(Account::new(org.clone(), ws, pool)));
+        let lease = Arc::new(Lease::new(ws.clone()));
+        lease.give(HUGE_LEASE);
+        lease.set_store_left(0);
+        cache.insert(Arc::new(Account::new(org.clone(), ws, lease)));
     }
     cache
 }
@@ -48,8 +48,8 @@ fn creditd_cache() -> Cache {
 #[inline]
 fn creditd_debit(cache: &Cache, org: &str, ws: &str, amount: u64) -> u64 {
     // The node's hot path: the debit in place in the map (`Node::debit` calls exactly this).
-    match cache.debit(org, ws, amount, false) {
-        Some(Debit::Allowed { remaining }) => remaining,
+    match cache.debit(org, ws, amount, Spend::Consume) {
+        Some(Ok(Decision::Allowed { remaining })) => remaining,
         other => panic!("debit refused: {other:?}"),
     }
 }
@@ -209,8 +209,8 @@ fn parts(c: &mut Criterion) {
         })
     });
     g.bench_function("Account::debit", |b| {
-        b.iter(|| match account.debit(black_box(1), false) {
-            Debit::Allowed { remaining } => remaining,
+        b.iter(|| match account.debit(black_box(1), Spend::Consume) {
+            Ok(Decision::Allowed { remaining }) => remaining,
             other => panic!("debit refused: {other:?}"),
         })
     });
@@ -240,16 +240,16 @@ fn parallelism(c: &mut Criterion) {
     g.finish();
 }
 
-/// The compare-and-swap alone, without the lookup: `Pool::take` beside a `Mutex<u64>`, on one
+/// The compare-and-swap alone, without the lookup: `Lease::take` beside a `Mutex<u64>`, on one
 /// thread and on two threads hitting the same balance. Separates the cost of the CAS from the
 /// cost of finding the account.
 fn take_only(c: &mut Criterion) {
-    let pool = Pool::new(WorkspaceId::parse(WS_A, "workspace").unwrap());
-    pool.give(HUGE_LEASE);
-    pool.set_store_left(0);
+    let lease = Lease::new(WorkspaceId::parse(WS_A, "workspace").unwrap());
+    lease.give(HUGE_LEASE);
+    lease.set_store_left(0);
     let naive = Mutex::new(HUGE_LEASE);
-    let take = |amount: u64| match pool.take(amount) {
-        Take::Taken { remaining } => remaining,
+    let take = |amount: u64| match lease.take(amount) {
+        Ok(Decision::Allowed { remaining }) => remaining,
         other => panic!("take refused: {other:?}"),
     };
     let subtract = |amount: u64| {
@@ -260,23 +260,23 @@ fn take_only(c: &mut Criterion) {
         *balance -= amount;
         *balance
     };
-    // A pool of a cluster node: its lease term is finite, so every take reads the clock.
-    let termed = Pool::new(WorkspaceId::parse(WS_A, "workspace").unwrap());
+    // A lease of a cluster node: its lease term is finite, so every take reads the clock.
+    let termed = Lease::new(WorkspaceId::parse(WS_A, "workspace").unwrap());
     termed.give(HUGE_LEASE);
     termed.set_store_left(0);
     termed.set_valid_until(u64::MAX - 1);
     let mut g = c.benchmark_group("take-only/1-thread");
-    g.bench_function("Pool::take", |b| b.iter(|| take(black_box(1))));
-    g.bench_function("Pool::take-with-term", |b| {
+    g.bench_function("Lease::take", |b| b.iter(|| take(black_box(1))));
+    g.bench_function("Lease::take-with-term", |b| {
         b.iter(|| match termed.take(black_box(1)) {
-            Take::Taken { remaining } => remaining,
+            Ok(Decision::Allowed { remaining }) => remaining,
             other => panic!("take refused: {other:?}"),
         })
     });
     g.bench_function("mutex-u64", |b| b.iter(|| subtract(black_box(1))));
     g.finish();
     let mut g = c.benchmark_group("take-only/2-threads-same");
-    g.bench_function("Pool::take", |b| {
+    g.bench_function("Lease::take", |b| {
         b.iter_custom(|iters| {
             two_threads(iters, |_| {
                 black_box(take(black_box(1)));
@@ -325,21 +325,21 @@ fn node_path(c: &mut Criterion) {
         let ws = WorkspaceId::parse(WS_A, "workspace").unwrap();
         let most = Amount::new(creditd::model::AMOUNT_MAX).unwrap();
         node.create_org(&org, Mode::Budget, &primary).await.unwrap();
-        node.admin(ORG, AdminOp::Purchase { amount: most }, None)
+        node.change(ORG, ControlOp::Purchase { amount: most }, None)
             .await
             .unwrap();
-        node.admin(
+        node.change(
             ORG,
-            AdminOp::CreateWorkspace {
+            ControlOp::CreateWorkspace {
                 workspace: ws.clone(),
             },
             None,
         )
         .await
         .unwrap();
-        node.admin(
+        node.change(
             ORG,
-            AdminOp::Transfer {
+            ControlOp::Transfer {
                 from: primary,
                 to: ws,
                 amount: Amount::new(creditd::model::AMOUNT_MAX - 1).unwrap(),

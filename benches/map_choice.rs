@@ -10,7 +10,7 @@ use std::hint::black_box;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use creditd::cache::{Account, Debit, Pool};
+use creditd::cache::{Account, AskStore, Decision, Lease, Spend};
 use creditd::model::{OrgId, WorkspaceId};
 use criterion::{criterion_group, criterion_main, Criterion};
 use dashmap::DashMap;
@@ -19,15 +19,19 @@ const KEY: &str = "acme/ws-a";
 
 fn account() -> Arc<Account> {
     let ws = WorkspaceId::parse("ws-a", "workspace").unwrap();
-    let pool = Arc::new(Pool::new(ws.clone()));
-    pool.give(1 << 62);
-    pool.set_store_left(0);
-    Arc::new(Account::new(OrgId::parse("acme", "org").unwrap(), ws, pool))
+    let lease = Arc::new(Lease::new(ws.clone()));
+    lease.give(1 << 62);
+    lease.set_store_left(0);
+    Arc::new(Account::new(
+        OrgId::parse("acme", "org").unwrap(),
+        ws,
+        lease,
+    ))
 }
 
-fn allowed(d: Debit) -> u64 {
+fn allowed(d: Result<Decision, AskStore>) -> u64 {
     match d {
-        Debit::Allowed { remaining } => remaining,
+        Ok(Decision::Allowed { remaining }) => remaining,
         other => panic!("refused: {other:?}"),
     }
 }
@@ -42,7 +46,7 @@ struct DashArc(DashMap<Box<str>, Arc<Account>>);
 impl Candidate for DashArc {
     fn debit(&self, key: &str) -> u64 {
         let a = self.0.get(key).map(|a| Arc::clone(a.value())).unwrap();
-        allowed(a.debit(1, false))
+        allowed(a.debit(1, Spend::Consume))
     }
 }
 
@@ -50,7 +54,7 @@ impl Candidate for DashArc {
 struct DashGuard(DashMap<Box<str>, Arc<Account>>);
 impl Candidate for DashGuard {
     fn debit(&self, key: &str) -> u64 {
-        allowed(self.0.get(key).unwrap().debit(1, false))
+        allowed(self.0.get(key).unwrap().debit(1, Spend::Consume))
     }
 }
 
@@ -58,7 +62,7 @@ impl Candidate for DashGuard {
 struct DashFold(DashMap<Box<str>, Arc<Account>, foldhash::fast::RandomState>);
 impl Candidate for DashFold {
     fn debit(&self, key: &str) -> u64 {
-        allowed(self.0.get(key).unwrap().debit(1, false))
+        allowed(self.0.get(key).unwrap().debit(1, Spend::Consume))
     }
 }
 
@@ -67,7 +71,7 @@ struct Papaya(papaya::HashMap<Box<str>, Arc<Account>, foldhash::fast::RandomStat
 impl Candidate for Papaya {
     fn debit(&self, key: &str) -> u64 {
         let map = self.0.pin();
-        allowed(map.get(key).unwrap().debit(1, false))
+        allowed(map.get(key).unwrap().debit(1, Spend::Consume))
     }
 }
 

@@ -15,7 +15,7 @@ done | awk -F'\t' '
     for (k in g) {
       if ((k, "creditd") in m && (k, "mutex-hashmap") in m)
         printf "ratio %-22s creditd/mutex-hashmap = %.2f\n", k, m[k, "creditd"] / m[k, "mutex-hashmap"]
-      if ((k, "Pool::take") in m && (k, "mutex-u64") in m)
-        printf "ratio %-22s Pool::take/mutex-u64 = %.2f\n", k, m[k, "Pool::take"] / m[k, "mutex-u64"]
+      if ((k, "Lease::take") in m && (k, "mutex-u64") in m)
+        printf "ratio %-22s Lease::take/mutex-u64 = %.2f\n", k, m[k, "Lease::take"] / m[k, "mutex-u64"]
     }
   }'

@@ -1,11 +1,11 @@
 //! The hot path: a sharded concurrent map of accounts, each debited with one compare-and-swap
 //! on its spender's lease. No lock is taken and nothing is allocated per debit.
 //!
-//! A [`Pool`] is one spender's lease on this node: credits the store handed over to spend
-//! locally. An [`Account`] is one workspace: it points at the pool it spends from (its own in
+//! A [`Lease`] is one spender's lease on this node: credits the store handed over to spend
+//! locally. An [`Account`] is one workspace: it points at the lease it spends from (its own in
 //! budget mode, the Primary's in shared mode) and counts, in atomics, what happened since the
 //! settler last collected (consumed, reserved, committed, released). The settler reports those
-//! counts to the store and tops the pools up.
+//! counts to the store and tops the leases up.
 
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,11 +31,11 @@ pub fn clock_ms() -> u64 {
 
 /// One spender's lease on this node.
 #[derive(Debug)]
-pub struct Pool {
+pub struct Lease {
     /// The workspace whose balance the lease came from.
     pub spender: WorkspaceId,
     /// Credits this node may still spend without asking the store.
-    lease: AtomicU64,
+    credits: AtomicU64,
     /// What the store had left for the spender beyond all leases at the last settle, or
     /// [`STORE_LEFT_UNKNOWN`]. Zero (with `others` zero) means exhausted: refusals are decided
     /// from memory.
@@ -49,8 +49,8 @@ pub struct Pool {
     /// short and the store cannot be asked (unreachable) or has nothing more. They belong to
     /// the spender, so spending them can never overspend it: this is how a node keeps
     /// answering, boundedly, while the store is down (`outage_reserve_credits`).
-    reserve: AtomicU64,
-    /// End of the lease term ([`clock_ms`]): after it the node spends nothing from this pool
+    outage_reserve: AtomicU64,
+    /// End of the lease term ([`clock_ms`]): after it the node spends nothing from this lease
     /// until a settle renews the term. A node that was silent (paused, partitioned) could have
     /// had its lease expired by the store and an org change applied meanwhile; the term ends
     /// before the store may expire it, so the node never spends a lease across a change it
@@ -58,26 +58,38 @@ pub struct Pool {
     valid_until: AtomicU64,
 }
 
-/// The outcome of taking credits from a lease. A refusal is not an error.
+/// The answer to a debit or a reservation. A refusal is an answer, not an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Take {
+pub enum Decision {
     /// Taken; `remaining` is what this node knows the spender can still use.
-    Taken { remaining: u64 },
-    /// The lease cannot cover it and the store has nothing more: blocked.
-    Exhausted { remaining: u64 },
-    /// The lease cannot cover it, but the store may have more: ask it.
-    AskStore,
+    Allowed { remaining: u64 },
+    /// Not enough anywhere: blocked until credits are assigned.
+    Insufficient { remaining: u64 },
 }
 
-impl Pool {
+/// A lease cannot decide from memory: it cannot cover the amount but the store may have more,
+/// or its term is over. The caller asks the store (a settle), then takes again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AskStore;
+
+/// What a take from a lease is for: it decides which usage counter of the account grows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spend {
+    /// A debit: consumed at once.
+    Consume,
+    /// A reservation: held until committed or released.
+    Reserve,
+}
+
+impl Lease {
     pub fn new(spender: WorkspaceId) -> Self {
-        Pool {
+        Lease {
             spender,
-            lease: AtomicU64::new(0),
+            credits: AtomicU64::new(0),
             store_left: AtomicU64::new(STORE_LEFT_UNKNOWN),
             others: AtomicU64::new(0),
             rate_per_s: AtomicU64::new(0),
-            reserve: AtomicU64::new(0),
+            outage_reserve: AtomicU64::new(0),
             valid_until: AtomicU64::new(TERM_FOREVER),
         }
     }
@@ -87,15 +99,15 @@ impl Pool {
         self.valid_until.store(until_ms, Ordering::Release);
     }
 
-    /// True while the lease term lasts: the pool may be spent from memory.
+    /// True while the lease term lasts: the lease may be spent from memory.
     #[inline]
     pub fn in_term(&self) -> bool {
         let until = self.valid_until.load(Ordering::Acquire);
         until == TERM_FOREVER || clock_ms() <= until
     }
 
-    pub fn lease(&self) -> u64 {
-        self.lease.load(Ordering::Acquire)
+    pub fn credits(&self) -> u64 {
+        self.credits.load(Ordering::Acquire)
     }
 
     pub fn store_left(&self) -> u64 {
@@ -104,32 +116,32 @@ impl Pool {
 
     /// What this node knows the spender can still use.
     pub fn remaining(&self) -> u64 {
-        self.lease()
-            .saturating_add(self.reserve())
+        self.credits()
+            .saturating_add(self.outage_reserve())
             .saturating_add(self.beyond_lease())
     }
 
     /// Credits of the outage reserve.
-    pub fn reserve(&self) -> u64 {
-        self.reserve.load(Ordering::Acquire)
+    pub fn outage_reserve(&self) -> u64 {
+        self.outage_reserve.load(Ordering::Acquire)
     }
 
     /// Moves credits from the lease into the outage reserve until it holds `target`.
-    pub fn fill_reserve(&self, target: u64) {
-        let mut lease = self.lease.load(Ordering::Acquire);
+    pub fn fill_outage_reserve(&self, target: u64) {
+        let mut lease = self.credits.load(Ordering::Acquire);
         loop {
-            let moved = target.saturating_sub(self.reserve()).min(lease);
+            let moved = target.saturating_sub(self.outage_reserve()).min(lease);
             if moved == 0 {
                 return;
             }
-            match self.lease.compare_exchange_weak(
+            match self.credits.compare_exchange_weak(
                 lease,
                 lease - moved,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    self.reserve.fetch_add(moved, Ordering::AcqRel);
+                    self.outage_reserve.fetch_add(moved, Ordering::AcqRel);
                     return;
                 }
                 Err(seen) => lease = seen,
@@ -139,16 +151,16 @@ impl Pool {
 
     /// Takes `amount` from the outage reserve, all or nothing; the remaining on success. Not
     /// after the lease term: the store may have closed the reserve with the lease.
-    pub fn take_reserve(&self, amount: u64) -> Option<u64> {
+    pub fn take_outage_reserve(&self, amount: u64) -> Option<u64> {
         if !self.in_term() {
             return None;
         }
-        let mut current = self.reserve.load(Ordering::Acquire);
+        let mut current = self.outage_reserve.load(Ordering::Acquire);
         loop {
             if current < amount {
                 return None;
             }
-            match self.reserve.compare_exchange_weak(
+            match self.outage_reserve.compare_exchange_weak(
                 current,
                 current - amount,
                 Ordering::AcqRel,
@@ -156,7 +168,7 @@ impl Pool {
             ) {
                 Ok(_) => {
                     return Some(
-                        self.lease()
+                        self.credits()
                             .saturating_add(current - amount)
                             .saturating_add(self.beyond_lease()),
                     )
@@ -177,7 +189,7 @@ impl Pool {
 
     /// True when the store said it has nothing beyond the leases and this node's is empty.
     pub fn is_blocked(&self) -> bool {
-        self.is_exhausted() && self.lease() == 0 && self.reserve() == 0
+        self.is_exhausted() && self.credits() == 0 && self.outage_reserve() == 0
     }
 
     /// True when neither the store nor another node has anything left for the spender.
@@ -210,35 +222,35 @@ impl Pool {
 
     /// Takes `amount` from the lease, all or nothing: one CAS loop, no lock. After the lease
     /// term the store must be asked first.
-    pub fn take(&self, amount: u64) -> Take {
+    pub fn take(&self, amount: u64) -> Result<Decision, AskStore> {
         if !self.in_term() {
-            return Take::AskStore;
+            return Err(AskStore);
         }
-        let mut current = self.lease.load(Ordering::Acquire);
+        let mut current = self.credits.load(Ordering::Acquire);
         loop {
             if current < amount {
                 if !self.is_exhausted() {
-                    return Take::AskStore;
+                    return Err(AskStore);
                 }
-                // Nothing more anywhere: the reserve is the spender's last credits.
-                return match self.take_reserve(amount) {
-                    Some(remaining) => Take::Taken { remaining },
-                    None => Take::Exhausted {
-                        remaining: current.saturating_add(self.reserve()),
+                // Nothing more anywhere: the outage reserve is the spender's last credits.
+                return Ok(match self.take_outage_reserve(amount) {
+                    Some(remaining) => Decision::Allowed { remaining },
+                    None => Decision::Insufficient {
+                        remaining: current.saturating_add(self.outage_reserve()),
                     },
-                };
+                });
             }
-            match self.lease.compare_exchange_weak(
+            match self.credits.compare_exchange_weak(
                 current,
                 current - amount,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    let left = self.beyond_lease().saturating_add(self.reserve());
-                    return Take::Taken {
+                    let left = self.beyond_lease().saturating_add(self.outage_reserve());
+                    return Ok(Decision::Allowed {
                         remaining: (current - amount).saturating_add(left),
-                    };
+                    });
                 }
                 Err(seen) => current = seen,
             }
@@ -247,14 +259,14 @@ impl Pool {
 
     /// Adds credits to the lease (a grant, or credits a reservation gave back).
     pub fn give(&self, amount: u64) {
-        let before = self.lease.fetch_add(amount, Ordering::AcqRel);
+        let before = self.credits.fetch_add(amount, Ordering::AcqRel);
         debug_assert!(before.checked_add(amount).is_some(), "lease overflow");
     }
 
     /// Takes the whole lease, to give it back to the store.
     pub fn drain(&self) -> u64 {
-        let lease = self.lease.swap(0, Ordering::AcqRel);
-        lease.saturating_add(self.reserve.swap(0, Ordering::AcqRel))
+        let lease = self.credits.swap(0, Ordering::AcqRel);
+        lease.saturating_add(self.outage_reserve.swap(0, Ordering::AcqRel))
     }
 
     /// Counts credits on their way back to the store as left there.
@@ -273,37 +285,24 @@ impl Pool {
     }
 }
 
-/// One workspace on this node: its pool and what it did since the last collection.
+/// One workspace on this node: its lease and what it did since the last collection.
 #[derive(Debug)]
 pub struct Account {
     pub org: OrgId,
     pub workspace: WorkspaceId,
-    pub pool: Arc<Pool>,
+    pub lease: Arc<Lease>,
     consumed: AtomicU64,
     reserved: AtomicU64,
     committed: AtomicU64,
     released: AtomicU64,
 }
 
-/// What [`Account::debit`] decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Debit {
-    Allowed {
-        remaining: u64,
-    },
-    Insufficient {
-        remaining: u64,
-    },
-    /// The lease is short but the store may have more: the caller refills and retries.
-    AskStore,
-}
-
 impl Account {
-    pub fn new(org: OrgId, workspace: WorkspaceId, pool: Arc<Pool>) -> Self {
+    pub fn new(org: OrgId, workspace: WorkspaceId, lease: Arc<Lease>) -> Self {
         Account {
             org,
             workspace,
-            pool,
+            lease,
             consumed: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
             committed: AtomicU64::new(0),
@@ -311,30 +310,26 @@ impl Account {
         }
     }
 
-    /// Debits `amount` (a debit), or sets it aside (a reservation) when `reserve` is true.
-    pub fn debit(&self, amount: u64, reserve: bool) -> Debit {
-        match self.pool.take(amount) {
-            Take::Taken { remaining } => {
-                self.count(amount, reserve);
-                Debit::Allowed { remaining }
-            }
-            Take::Exhausted { remaining } => Debit::Insufficient { remaining },
-            Take::AskStore => Debit::AskStore,
+    /// Takes `amount` from the lease for `spend`, counted on this account when allowed.
+    pub fn debit(&self, amount: u64, spend: Spend) -> Result<Decision, AskStore> {
+        let decision = self.lease.take(amount)?;
+        if let Decision::Allowed { .. } = decision {
+            self.count(amount, spend);
         }
+        Ok(decision)
     }
 
-    /// Debits from the outage reserve (the store cannot be asked); `None` if it cannot cover.
-    pub fn debit_from_reserve(&self, amount: u64, reserve: bool) -> Option<u64> {
-        let remaining = self.pool.take_reserve(amount)?;
-        self.count(amount, reserve);
+    /// Takes from the outage reserve (the store cannot be asked); `None` if it cannot cover.
+    pub fn debit_from_outage_reserve(&self, amount: u64, spend: Spend) -> Option<u64> {
+        let remaining = self.lease.take_outage_reserve(amount)?;
+        self.count(amount, spend);
         Some(remaining)
     }
 
-    fn count(&self, amount: u64, reserve: bool) {
-        let counter = if reserve {
-            &self.reserved
-        } else {
-            &self.consumed
+    fn count(&self, amount: u64, spend: Spend) {
+        let counter = match spend {
+            Spend::Consume => &self.consumed,
+            Spend::Reserve => &self.reserved,
         };
         counter.fetch_add(amount, Ordering::AcqRel);
     }
@@ -349,14 +344,14 @@ impl Account {
         self.committed.fetch_add(charged, Ordering::AcqRel);
         self.released.fetch_add(back, Ordering::AcqRel);
         // The store will have them: a debit the lease cannot cover asks it.
-        self.pool.add_store_left(back);
+        self.lease.add_store_left(back);
     }
 
     /// Takes the counts since the last collection as one usage line (`None` if idle).
     pub fn collect(&self) -> Option<UsageLine> {
         let line = UsageLine {
             workspace: self.workspace.clone(),
-            spender: self.pool.spender.clone(),
+            spender: self.lease.spender.clone(),
             consumed: self.consumed.swap(0, Ordering::AcqRel),
             reserved: self.reserved.swap(0, Ordering::AcqRel),
             committed: self.committed.swap(0, Ordering::AcqRel),
@@ -459,11 +454,17 @@ impl Cache {
 
     /// The hot path: debits an account in place, without allocating or touching its
     /// reference count. `None` if the account is not cached.
-    pub fn debit(&self, org: &str, ws: &str, amount: u64, reserve: bool) -> Option<Debit> {
+    pub fn debit(
+        &self,
+        org: &str,
+        ws: &str,
+        amount: u64,
+        spend: Spend,
+    ) -> Option<Result<Decision, AskStore>> {
         self.accounts
             .pin()
             .get(&Query { org, ws })
-            .map(|a| a.debit(amount, reserve))
+            .map(|a| a.debit(amount, spend))
     }
 
     /// Looks an account up without allocating (for the slow path, which keeps it).
@@ -505,23 +506,32 @@ impl Cache {
 mod tests {
     use super::*;
 
-    fn account(lease: u64, store_left: u64) -> Account {
-        let pool = Arc::new(Pool::new(WorkspaceId::parse("ws", "ws").unwrap()));
-        pool.give(lease);
-        pool.set_store_left(store_left);
+    fn account(credits: u64, store_left: u64) -> Account {
+        let lease = Arc::new(Lease::new(WorkspaceId::parse("ws", "ws").unwrap()));
+        lease.give(credits);
+        lease.set_store_left(store_left);
         Account::new(
             OrgId::parse("org", "org").unwrap(),
             WorkspaceId::parse("ws", "ws").unwrap(),
-            pool,
+            lease,
         )
     }
 
     #[test]
     fn debit_takes_from_the_lease_and_counts_it() {
         let a = account(10, 0);
-        assert_eq!(a.debit(4, false), Debit::Allowed { remaining: 6 });
-        assert_eq!(a.debit(6, false), Debit::Allowed { remaining: 0 });
-        assert_eq!(a.debit(1, false), Debit::Insufficient { remaining: 0 });
+        assert_eq!(
+            a.debit(4, Spend::Consume),
+            Ok(Decision::Allowed { remaining: 6 })
+        );
+        assert_eq!(
+            a.debit(6, Spend::Consume),
+            Ok(Decision::Allowed { remaining: 0 })
+        );
+        assert_eq!(
+            a.debit(1, Spend::Consume),
+            Ok(Decision::Insufficient { remaining: 0 })
+        );
         let line = a.collect().unwrap();
         assert_eq!(line.consumed, 10);
         assert!(a.collect().is_none());
@@ -530,44 +540,56 @@ mod tests {
     #[test]
     fn a_short_lease_asks_the_store_unless_it_is_exhausted() {
         assert_eq!(
-            account(1, STORE_LEFT_UNKNOWN).debit(2, false),
-            Debit::AskStore
+            account(1, STORE_LEFT_UNKNOWN).debit(2, Spend::Consume),
+            Err(AskStore)
         );
-        assert_eq!(account(1, 5).debit(2, false), Debit::AskStore);
+        assert_eq!(account(1, 5).debit(2, Spend::Consume), Err(AskStore));
         assert_eq!(
-            account(1, 0).debit(2, false),
-            Debit::Insufficient { remaining: 1 }
+            account(1, 0).debit(2, Spend::Consume),
+            Ok(Decision::Insufficient { remaining: 1 })
         );
     }
 
     #[test]
     fn the_outage_reserve_is_spent_last_and_returned_with_the_lease() {
         let a = account(10, 0);
-        a.pool.fill_reserve(4);
-        assert_eq!((a.pool.lease(), a.pool.reserve()), (6, 4));
-        assert_eq!(a.debit(6, false), Debit::Allowed { remaining: 4 });
+        a.lease.fill_outage_reserve(4);
+        assert_eq!((a.lease.credits(), a.lease.outage_reserve()), (6, 4));
+        assert_eq!(
+            a.debit(6, Spend::Consume),
+            Ok(Decision::Allowed { remaining: 4 })
+        );
         // Nothing more anywhere: the reserve pays, then the spender is blocked.
-        assert_eq!(a.debit(3, false), Debit::Allowed { remaining: 1 });
-        assert_eq!(a.debit(2, false), Debit::Insufficient { remaining: 1 });
+        assert_eq!(
+            a.debit(3, Spend::Consume),
+            Ok(Decision::Allowed { remaining: 1 })
+        );
+        assert_eq!(
+            a.debit(2, Spend::Consume),
+            Ok(Decision::Insufficient { remaining: 1 })
+        );
         assert_eq!(a.collect().unwrap().consumed, 9);
-        assert_eq!(a.pool.drain(), 1);
+        assert_eq!(a.lease.drain(), 1);
         // The store may have more: the reserve is kept for when it cannot be asked.
         let b = account(5, STORE_LEFT_UNKNOWN);
-        b.pool.fill_reserve(3);
-        assert_eq!(b.debit(3, false), Debit::AskStore);
-        assert_eq!(b.debit_from_reserve(3, false), Some(2));
-        assert_eq!(b.debit_from_reserve(1, false), None);
+        b.lease.fill_outage_reserve(3);
+        assert_eq!(b.debit(3, Spend::Consume), Err(AskStore));
+        assert_eq!(b.debit_from_outage_reserve(3, Spend::Consume), Some(2));
+        assert_eq!(b.debit_from_outage_reserve(1, Spend::Consume), None);
     }
 
     #[test]
     fn reservations_give_what_they_did_not_charge_back_to_the_store() {
         let a = account(10, 0);
-        assert_eq!(a.debit(8, true), Debit::Allowed { remaining: 2 });
+        assert_eq!(
+            a.debit(8, Spend::Reserve),
+            Ok(Decision::Allowed { remaining: 2 })
+        );
         a.finish_reservation(8, 3);
-        assert_eq!(a.pool.lease(), 2);
+        assert_eq!(a.lease.credits(), 2);
         // The 5 released are the store's again: a debit beyond the lease asks for them.
-        assert_eq!(a.pool.store_left(), 5);
-        assert_eq!(a.debit(4, false), Debit::AskStore);
+        assert_eq!(a.lease.store_left(), 5);
+        assert_eq!(a.debit(4, Spend::Consume), Err(AskStore));
         let line = a.collect().unwrap();
         assert_eq!(
             (line.reserved, line.committed, line.released, line.consumed),
@@ -582,8 +604,8 @@ mod tests {
         assert!(cache.get("org", "ws").is_some());
         assert!(cache.get("orgw", "s").is_none());
         assert!(cache.get("or", "gws").is_none());
-        assert!(cache.debit("org", "ws", 1, false).is_some());
-        assert!(cache.debit("org", "w", 1, false).is_none());
+        assert!(cache.debit("org", "ws", 1, Spend::Consume).is_some());
+        assert!(cache.debit("org", "w", 1, Spend::Consume).is_none());
         let account = cache.get("org", "ws").unwrap();
         cache.remove(&account);
         assert!(cache.is_empty());

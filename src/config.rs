@@ -3,6 +3,7 @@
 //! refused with every problem named at once (the binary exits with 64, `EX_USAGE`).
 
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -40,10 +41,71 @@ pub const DEFAULT_RECALL_WAIT_MAX: Duration = Duration::from_secs(2);
 pub const DEFAULT_OUTAGE_RESERVE_CREDITS: u64 = 0;
 pub const DEFAULT_REDIS_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// API.md: the connection limit is at least 1,024 by default.
+/// The contract: the connection limit is at least 1,024 by default.
 const _: () = assert!(DEFAULT_CONNECTIONS_MAX >= 1024);
 const _: () =
     assert!(DEFAULT_RESERVATION_TTL.as_millis() <= DEFAULT_RESERVATION_TTL_MAX.as_millis());
+
+/// The accepted range of every bounded setting: one definition each, checked by
+/// [`Config::validate`] before anything starts, and quoted in its refusal.
+pub mod bounds {
+    use std::ops::RangeInclusive;
+    use std::time::Duration;
+
+    const fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+    const SECOND: u64 = 1000;
+    const MINUTE: u64 = 60 * SECOND;
+    const HOUR: u64 = 60 * MINUTE;
+    const DAY: u64 = 24 * HOUR;
+
+    pub const SETTLE_INTERVAL: RangeInclusive<Duration> = ms(10)..=ms(HOUR);
+    pub const LEASE_WAIT_MAX: RangeInclusive<Duration> = ms(1)..=ms(MINUTE);
+    /// Also more than twice `settle_interval`.
+    pub const LEASE_TTL: RangeInclusive<Duration> = ms(1)..=ms(DAY);
+    pub const LEASE_HORIZON: RangeInclusive<Duration> = ms(1)..=ms(HOUR);
+    pub const RECALL_WAIT_MAX: RangeInclusive<Duration> = ms(1)..=ms(MINUTE);
+    pub const IDEMPOTENCY_TTL: RangeInclusive<Duration> = ms(SECOND)..=ms(30 * DAY);
+    /// Both `reservation_ttl` and `reservation_ttl_max`.
+    pub const RESERVATION_TTL: RangeInclusive<Duration> = ms(1)..=ms(7 * DAY);
+    pub const HEADER_READ_TIMEOUT: RangeInclusive<Duration> = ms(1)..=ms(10 * MINUTE);
+    pub const SHUTDOWN_GRACE: RangeInclusive<Duration> = ms(0)..=ms(10 * MINUTE);
+    pub const REDIS_CALL_TIMEOUT: RangeInclusive<Duration> = ms(1)..=ms(MINUTE);
+
+    pub const LEASE_SHARE_MAX_PERCENT: RangeInclusive<u64> = 1..=100;
+    pub const OUTAGE_RESERVE_CREDITS: RangeInclusive<u64> = 0..=crate::model::AMOUNT_MAX;
+    pub const BODY_BYTES_MAX: RangeInclusive<u64> = 1..=16 * 1024 * 1024;
+    pub const ACCOUNTS_MAX: RangeInclusive<u64> = 1..=100_000_000;
+    pub const WORKSPACES_MAX: RangeInclusive<u64> = 1..=1_000_000;
+    pub const IDEMPOTENCY_KEYS_MAX: RangeInclusive<u64> = 1..=100_000_000;
+    pub const RESERVATIONS_MAX: RangeInclusive<u64> = 1..=10_000_000;
+    /// Open connections; each holds a file descriptor, so far below what the semaphore could
+    /// count (a larger number once panicked inside the accept loop).
+    pub const CONNECTIONS_MAX: RangeInclusive<u64> = 1..=1_048_576;
+    pub const LEDGER_PAGE_MAX: RangeInclusive<u64> = 1..=100_000;
+    pub const SETTLE_BATCH_ORGS_MAX: RangeInclusive<u64> = 1..=100_000;
+    pub const AUTHORIZE_DENY_STATUS: [u16; 3] = [402, 403, 429];
+
+    /// "`key`: must be from 10ms to 1h", in the units a person would write.
+    pub(super) fn duration_refusal(key: &str, range: &RangeInclusive<Duration>) -> String {
+        format!(
+            "{key}: must be from {} to {}",
+            human(*range.start()),
+            human(*range.end())
+        )
+    }
+
+    fn human(d: Duration) -> String {
+        let n = d.as_millis() as u64;
+        for (unit, size) in [("d", DAY), ("h", HOUR), ("m", MINUTE), ("s", SECOND)] {
+            if n >= size && n % size == 0 {
+                return format!("{}{unit}", n / size);
+            }
+        }
+        format!("{n}ms")
+    }
+}
 
 /// Which store keeps the truth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -219,10 +281,112 @@ const KEYS: &[(&str, Kind)] = &[
 /// Environment variables that are not settings.
 const ENV_NOT_KEYS: &[&str] = &["CREDITD_CONFIG"];
 
+/// The refusals found so far, in the order checked.
+#[derive(Default)]
+struct Refusals(Vec<String>);
+
+impl Refusals {
+    fn duration(&mut self, key: &str, value: Duration, range: RangeInclusive<Duration>) {
+        if !range.contains(&value) {
+            self.0.push(bounds::duration_refusal(key, &range));
+        }
+    }
+
+    fn count(&mut self, key: &str, value: u64, range: RangeInclusive<u64>) {
+        if !range.contains(&value) {
+            let (min, max) = range.into_inner();
+            self.0.push(format!("{key}: must be from {min} to {max}"));
+        }
+    }
+
+    fn rule(&mut self, ok: bool, refusal: impl Into<String>) {
+        if !ok {
+            self.0.push(refusal.into());
+        }
+    }
+}
+
 /// Every problem found, one per line.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration:\n  {}", .0.join("\n  "))]
 pub struct ConfigError(pub Vec<String>);
+
+/// The settings file as a TOML table.
+fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(vec![format!("cannot read {}: {e}", path.display())]))?;
+    text.parse::<toml::Table>()
+        .map_err(|e| ConfigError(vec![format!("{}: {e}", path.display())]))
+}
+
+/// Puts every `CREDITD_<KEY>` of `env` into `table` as the key's type; names what is unknown or
+/// does not parse.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+    errors: &mut Vec<String>,
+    bad: &mut Vec<String>,
+) {
+    for (name, value) in env {
+        let Some(key) = name.strip_prefix("CREDITD_") else {
+            continue;
+        };
+        if ENV_NOT_KEYS.contains(&name.as_str()) {
+            continue;
+        }
+        let key = key.to_ascii_lowercase();
+        let parsed = match KEYS.iter().find(|(k, _)| *k == key) {
+            None => {
+                errors.push(format!("{name}: unknown setting `{key}`"));
+                continue;
+            }
+            Some((_, Kind::Str)) => Ok(toml::Value::String(value)),
+            Some((_, Kind::Bool)) => match value.trim() {
+                "true" | "1" => Ok(toml::Value::Boolean(true)),
+                "false" | "0" => Ok(toml::Value::Boolean(false)),
+                _ => Err(format!("{name}: `{value}` is not true or false")),
+            },
+            Some((_, Kind::Int)) => value
+                .trim()
+                .parse::<i64>()
+                .map(toml::Value::Integer)
+                .map_err(|_| format!("{name}: `{value}` is not an integer")),
+        };
+        match parsed {
+            Ok(v) => {
+                table.insert(key, v);
+            }
+            Err(e) => {
+                errors.push(e);
+                bad.push(key);
+            }
+        }
+    }
+}
+
+/// Deserializes key by key, so that every bad key is reported, not just the first; returns the
+/// keys that parsed.
+fn parse_each(table: &toml::Table, errors: &mut Vec<String>, bad: &mut Vec<String>) -> toml::Table {
+    let mut good = toml::Table::new();
+    for (key, value) in table {
+        if !KEYS.iter().any(|(k, _)| k == key) {
+            errors.push(format!("{key}: unknown setting"));
+            continue;
+        }
+        let mut one = toml::Table::new();
+        one.insert(key.clone(), value.clone());
+        match toml::Value::Table(one).try_into::<Config>() {
+            Ok(_) => {
+                good.insert(key.clone(), value.clone());
+            }
+            Err(e) => {
+                errors.push(format!("{key}: {}", e.message().trim()));
+                bad.push(key.clone());
+            }
+        }
+    }
+    good
+}
 
 /// Parses a duration such as `250ms`, `5s`, `2m`, `24h`.
 pub fn parse_duration(s: &str) -> Option<Duration> {
@@ -255,79 +419,15 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(path) => read_file(path)?,
+            None => toml::Table::new(),
+        };
         let mut errors = Vec::new();
         // Keys refused while parsing, so that validation does not judge them a second time.
         let mut bad: Vec<String> = Vec::new();
-        let mut table = match file {
-            Some(path) => match std::fs::read_to_string(path) {
-                Ok(text) => match text.parse::<toml::Table>() {
-                    Ok(t) => t,
-                    Err(e) => return Err(ConfigError(vec![format!("{}: {e}", path.display())])),
-                },
-                Err(e) => {
-                    return Err(ConfigError(vec![format!(
-                        "cannot read {}: {e}",
-                        path.display()
-                    )]))
-                }
-            },
-            None => toml::Table::new(),
-        };
-        for (name, value) in env {
-            let Some(key) = name.strip_prefix("CREDITD_") else {
-                continue;
-            };
-            if ENV_NOT_KEYS.contains(&name.as_str()) {
-                continue;
-            }
-            let key = key.to_ascii_lowercase();
-            match KEYS.iter().find(|(k, _)| *k == key) {
-                None => errors.push(format!("{name}: unknown setting `{key}`")),
-                Some((_, Kind::Str)) => {
-                    table.insert(key, toml::Value::String(value));
-                }
-                Some((_, Kind::Bool)) => match value.trim() {
-                    "true" | "1" => {
-                        table.insert(key, toml::Value::Boolean(true));
-                    }
-                    "false" | "0" => {
-                        table.insert(key, toml::Value::Boolean(false));
-                    }
-                    _ => {
-                        errors.push(format!("{name}: `{value}` is not true or false"));
-                        bad.push(key);
-                    }
-                },
-                Some((_, Kind::Int)) => match value.trim().parse::<i64>() {
-                    Ok(n) => {
-                        table.insert(key, toml::Value::Integer(n));
-                    }
-                    Err(_) => {
-                        errors.push(format!("{name}: `{value}` is not an integer"));
-                        bad.push(key);
-                    }
-                },
-            }
-        }
-        // Deserialize key by key so that every bad key is reported, not just the first.
-        let mut good = toml::Table::new();
-        for (key, value) in &table {
-            if !KEYS.iter().any(|(k, _)| k == key) {
-                errors.push(format!("{key}: unknown setting"));
-                continue;
-            }
-            let mut one = toml::Table::new();
-            one.insert(key.clone(), value.clone());
-            match toml::Value::Table(one).try_into::<Config>() {
-                Ok(_) => {
-                    good.insert(key.clone(), value.clone());
-                }
-                Err(e) => {
-                    errors.push(format!("{key}: {}", e.message().trim()));
-                    bad.push(key.clone());
-                }
-            }
-        }
+        apply_env(&mut table, env, &mut errors, &mut bad);
+        let good = parse_each(&table, &mut errors, &mut bad);
         if !errors.is_empty() {
             // Validate the keys that did parse as well, so that one run names every bad key
             // (`authorize_deny_status = 500` beside `settle_interval = "fast"`). A check that
@@ -348,129 +448,118 @@ impl Config {
         config.validate()
     }
 
-    /// Checks values that parse but make no sense.
+    /// Checks values that parse but make no sense, against the bounds in [`bounds`].
     pub fn validate(self) -> Result<Config, ConfigError> {
-        let mut errors = Vec::new();
-        let mut check = |ok: bool, msg: String| {
-            if !ok {
-                errors.push(msg)
-            }
-        };
-        let ms = |d: Duration| d.as_millis();
-        check(
-            (10..=3_600_000).contains(&ms(self.settle_interval)),
-            "settle_interval: must be from 10ms to 1h".into(),
+        let mut refusals = Refusals::default();
+        self.check_bounds(&mut refusals);
+        self.check_rules(&mut refusals);
+        if refusals.0.is_empty() {
+            Ok(self)
+        } else {
+            Err(ConfigError(refusals.0))
+        }
+    }
+
+    /// Every bounded setting within its range.
+    fn check_bounds(&self, r: &mut Refusals) {
+        use bounds as b;
+        r.duration("settle_interval", self.settle_interval, b::SETTLE_INTERVAL);
+        r.duration("lease_wait_max", self.lease_wait_max, b::LEASE_WAIT_MAX);
+        r.duration("lease_ttl", self.lease_ttl, b::LEASE_TTL);
+        r.duration("lease_horizon", self.lease_horizon, b::LEASE_HORIZON);
+        r.duration("recall_wait_max", self.recall_wait_max, b::RECALL_WAIT_MAX);
+        r.duration("idempotency_ttl", self.idempotency_ttl, b::IDEMPOTENCY_TTL);
+        r.duration(
+            "reservation_ttl_max",
+            self.reservation_ttl_max,
+            b::RESERVATION_TTL,
         );
-        check(
-            (1..=60_000).contains(&ms(self.lease_wait_max)),
-            "lease_wait_max: must be from 1ms to 60s".into(),
+        r.duration(
+            "header_read_timeout",
+            self.header_read_timeout,
+            b::HEADER_READ_TIMEOUT,
         );
-        check(
+        r.duration("shutdown_grace", self.shutdown_grace, b::SHUTDOWN_GRACE);
+        r.duration(
+            "redis_call_timeout",
+            self.redis_call_timeout,
+            b::REDIS_CALL_TIMEOUT,
+        );
+        let share = self.lease_share_max_percent;
+        r.count("lease_share_max_percent", share, b::LEASE_SHARE_MAX_PERCENT);
+        let reserve = self.outage_reserve_credits;
+        r.count("outage_reserve_credits", reserve, b::OUTAGE_RESERVE_CREDITS);
+        r.count(
+            "body_bytes_max",
+            self.body_bytes_max as u64,
+            b::BODY_BYTES_MAX,
+        );
+        r.count("accounts_max", self.accounts_max as u64, b::ACCOUNTS_MAX);
+        r.count(
+            "workspaces_max",
+            self.workspaces_max as u64,
+            b::WORKSPACES_MAX,
+        );
+        let keys = self.idempotency_keys_max as u64;
+        r.count("idempotency_keys_max", keys, b::IDEMPOTENCY_KEYS_MAX);
+        let reservations = self.reservations_max as u64;
+        r.count("reservations_max", reservations, b::RESERVATIONS_MAX);
+        r.count(
+            "connections_max",
+            self.connections_max as u64,
+            b::CONNECTIONS_MAX,
+        );
+        r.count(
+            "ledger_page_max",
+            self.ledger_page_max as u64,
+            b::LEDGER_PAGE_MAX,
+        );
+        let orgs = self.settle_batch_orgs_max as u64;
+        r.count("settle_batch_orgs_max", orgs, b::SETTLE_BATCH_ORGS_MAX);
+    }
+
+    /// Settings judged against each other, and values that are not numbers.
+    fn check_rules(&self, r: &mut Refusals) {
+        r.rule(
             self.lease_ttl > self.settle_interval * 2,
-            "lease_ttl: must be more than twice settle_interval".into(),
+            "lease_ttl: must be more than twice settle_interval",
         );
-        check(
-            (1..=3_600_000).contains(&ms(self.lease_horizon)),
-            "lease_horizon: must be from 1ms to 1h".into(),
+        r.rule(
+            self.reservation_ttl <= self.reservation_ttl_max
+                && bounds::RESERVATION_TTL.contains(&self.reservation_ttl),
+            "reservation_ttl: must be from 1ms to reservation_ttl_max",
         );
-        check(
-            (1..=100).contains(&self.lease_share_max_percent),
-            "lease_share_max_percent: must be from 1 to 100".into(),
-        );
-        check(
-            (1..=60_000).contains(&ms(self.recall_wait_max)),
-            "recall_wait_max: must be from 1ms to 60s".into(),
-        );
-        check(
-            self.outage_reserve_credits <= crate::model::AMOUNT_MAX,
-            format!(
-                "outage_reserve_credits: must be at most {}",
-                crate::model::AMOUNT_MAX
-            ),
-        );
-        check(
-            (1..=16 * 1024 * 1024).contains(&self.body_bytes_max),
-            "body_bytes_max: must be from 1 to 16777216".into(),
-        );
-        check(
-            self.accounts_max >= 1,
-            "accounts_max: must be at least 1".into(),
-        );
-        check(
-            self.workspaces_max >= 1,
-            "workspaces_max: must be at least 1".into(),
-        );
-        check(
-            self.idempotency_keys_max >= 1,
-            "idempotency_keys_max: must be at least 1".into(),
-        );
-        check(
-            ms(self.idempotency_ttl) >= 1000,
-            "idempotency_ttl: must be at least 1s".into(),
-        );
-        check(
-            self.reservations_max >= 1,
-            "reservations_max: must be at least 1".into(),
-        );
-        check(
-            ms(self.reservation_ttl) >= 1 && self.reservation_ttl <= self.reservation_ttl_max,
-            "reservation_ttl: must be from 1ms to reservation_ttl_max".into(),
-        );
-        check(
-            self.connections_max >= 1,
-            "connections_max: must be at least 1".into(),
-        );
-        check(
-            (1..=600_000).contains(&ms(self.header_read_timeout)),
-            "header_read_timeout: must be from 1ms to 10m".into(),
-        );
-        check(
-            ms(self.shutdown_grace) <= 600_000,
-            "shutdown_grace: must be at most 10m".into(),
-        );
-        check(
-            matches!(self.authorize_deny_status, 402 | 403 | 429),
+        r.rule(
+            bounds::AUTHORIZE_DENY_STATUS.contains(&self.authorize_deny_status),
             format!(
                 "authorize_deny_status: must be 402, 403 or 429, not {}",
                 self.authorize_deny_status
             ),
         );
-        check(
-            (1..=100_000).contains(&self.ledger_page_max),
-            "ledger_page_max: must be from 1 to 100000".into(),
-        );
-        check(
-            self.settle_batch_orgs_max >= 1,
-            "settle_batch_orgs_max: must be at least 1".into(),
-        );
-        check(
+        r.rule(
             is_valid_id(&self.node_id),
-            "node_id: must be 1 to 64 characters of A-Z a-z 0-9 . _ : -".into(),
+            format!("node_id: {}", crate::model::ID_RULE),
         );
         if let Some(token) = &self.admin_token {
-            check(
+            r.rule(
                 !token.is_empty(),
-                "admin_token: must not be empty (leave it unset to turn the control plane off)"
-                    .into(),
+                "admin_token: must not be empty (leave it unset to turn the control plane off)",
             );
         }
         if self.store == StoreKind::Redis {
+            // rediss:// (TLS) would pass here and fail at connect: this build has no TLS.
             let urls_ok = self
                 .redis_url
                 .split(',')
-                .all(|u| u.trim().starts_with("redis://") || u.trim().starts_with("rediss://"));
-            check(
+                .all(|u| u.trim().starts_with("redis://"));
+            r.rule(
                 urls_ok,
                 format!(
-                    "redis_url: `{}` is not a redis:// URL or list of them",
+                    "redis_url: `{}` is not a redis:// URL or list of them (rediss:// is not \
+                     supported: this build has no TLS)",
                     self.redis_url
                 ),
             );
-        }
-        if errors.is_empty() {
-            Ok(self)
-        } else {
-            Err(ConfigError(errors))
         }
     }
 

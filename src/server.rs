@@ -33,8 +33,9 @@ pub enum RunError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Unsupported(String),
+    /// The server task panicked or was cancelled.
+    #[error("the server task failed: {0}")]
+    TaskFailed(#[from] tokio::task::JoinError),
 }
 
 /// Exit code of a start refused because the embedded store's data file is damaged or
@@ -148,9 +149,6 @@ impl Server {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        match self.task.await {
-            Ok(result) => result,
-            Err(e) => Err(RunError::Unsupported(format!("server task failed: {e}"))),
-        }
+        self.task.await?
     }
 }

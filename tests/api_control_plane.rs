@@ -1,4 +1,4 @@
-//! Proves the control plane and operations endpoints of API.md over real HTTP: orgs, mode,
+//! Proves the control plane and operations endpoints of docs/api.md over real HTTP: orgs, mode,
 //! credits, workspaces, transfers (with dry_run), ledger, the bearer token, health and metrics.
 
 mod common;

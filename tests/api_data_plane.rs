@@ -1,4 +1,4 @@
-//! Proves the data plane of API.md over real HTTP: debit, authorize (forward auth), two-phase
+//! Proves the data plane of docs/api.md over real HTTP: debit, authorize (forward auth), two-phase
 //! reservations and balance, with every answer, every error code and idempotency.
 
 mod common;
@@ -132,7 +132,7 @@ async fn debit_with_a_malformed_body_is_400_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn debit_ignores_unknown_fields() {
+async fn debit_refuses_unknown_fields_and_charges_nothing() {
     let node = TestNode::start().await;
     let c = &node.client;
     budget_org(c, "acme", 100, &[]).await;
@@ -141,9 +141,8 @@ async fn debit_ignores_unknown_fields() {
         r#"{"org":"acme","workspace":"primary","amount":3,"model":"gpt","tokens":[1,2]}"#,
     )
     .await;
-    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
-    assert_eq!(a.body["remaining"], 97);
-    assert_eq!(c.org("acme").await["used"], 3);
+    assert_error(&a, 400, "invalid_request", "unknown field `model`");
+    assert_eq!(c.org("acme").await["used"], 0);
     node.stop().await;
 }
 

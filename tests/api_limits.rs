@@ -1,4 +1,4 @@
-//! Proves every limit of API.md over real HTTP: body size, ids, amounts, accounts, workspaces,
+//! Proves every limit of docs/api.md over real HTTP: body size, ids, amounts, accounts, workspaces,
 //! reservations, idempotency keys, stalled connections and ledger pages, each refused with its
 //! documented status and code, changing nothing, and counted in `/metrics`.
 
@@ -7,7 +7,9 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{assert_conserved, assert_error, budget_org, Answer, Client, Process, TestNode};
+use common::{
+    assert_conserved, assert_error, balance, budget_org, Answer, Client, Process, TestNode,
+};
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -381,6 +383,103 @@ async fn amounts_must_be_json_integers_from_1_to_10_pow_15() {
     assert_eq!(a.body["remaining"], 0);
     assert_eq!(c.debit("acme", "ws-a", 1).await.status, StatusCode::OK);
     assert_conserved(&c.org("whale").await);
+    node.stop().await;
+}
+
+/// A field the endpoint does not know is refused, never ignored: a purchase sent twice with a
+/// misspelt `idempotency_kye` would otherwise be applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_fields_are_refused_with_400_naming_the_field_and_change_nothing() {
+    let node = TestNode::start().await;
+    let c = &node.client;
+    budget_org(c, "acme", 1_000, &[("ws-a", 100)]).await;
+    let before = c.org("acme").await;
+    let calls: &[(Method, &str, &str, &str)] = &[
+        (
+            Method::POST,
+            "/v1/orgs/acme/credits",
+            r#"{"amount":100,"idempotency_kye":"k-1"}"#,
+            "idempotency_kye",
+        ),
+        (
+            Method::POST,
+            "/v1/orgs/acme/credits",
+            r#"{"amount":100,"expires_at":"2027-01-01"}"#,
+            "expires_at",
+        ),
+        (
+            Method::POST,
+            "/v1/orgs",
+            r#"{"org":"beta","mode":"shared","owner":"x"}"#,
+            "owner",
+        ),
+        (
+            Method::PUT,
+            "/v1/orgs/acme/mode",
+            r#"{"mode":"shared","force":true}"#,
+            "force",
+        ),
+        (
+            Method::POST,
+            "/v1/orgs/acme/workspaces",
+            r#"{"workspace":"ws-b","budget":5}"#,
+            "budget",
+        ),
+        (
+            Method::POST,
+            "/v1/orgs/acme/transfers",
+            r#"{"from":"primary","to":"ws-a","amount":1,"dryrun":true}"#,
+            "dryrun",
+        ),
+        (
+            Method::POST,
+            "/v1/debit",
+            r#"{"org":"acme","workspace":"ws-a","amount":1,"cost":1}"#,
+            "cost",
+        ),
+        (
+            Method::POST,
+            "/v1/reservations",
+            r#"{"org":"acme","workspace":"ws-a","amount":1,"ttl":5}"#,
+            "ttl",
+        ),
+    ];
+    for (method, path, body, field) in calls {
+        for _ in 0..2 {
+            let a = c.send(method.clone(), path, Some(body), &[]).await;
+            assert_error(
+                &a,
+                400,
+                "invalid_request",
+                &format!("unknown field `{field}`"),
+            );
+        }
+    }
+    let r = c.reserve("acme", "ws-a", 10, 60_000).await;
+    let a = c
+        .send(
+            Method::POST,
+            &format!("/v1/reservations/{r}/commit"),
+            Some(r#"{"amount":5,"amout":5}"#),
+            &[],
+        )
+        .await;
+    assert_error(&a, 400, "invalid_request", "unknown field `amout`");
+    assert_eq!(c.commit(&r, 10).await.status, StatusCode::OK);
+    let after = c.org("acme").await;
+    assert_eq!(
+        after["purchased"], before["purchased"],
+        "no purchase applied"
+    );
+    assert_eq!(after["used"], 10, "only the valid commit charged");
+    assert_eq!(balance(&after, "ws-a"), 90);
+    assert!(
+        after["workspaces"].as_array().unwrap().len() == 2,
+        "no workspace created"
+    );
+    assert_eq!(after["mode"], "budget");
+    assert_eq!(c.get("/v1/orgs/beta").await.status, StatusCode::NOT_FOUND);
+    assert_conserved(&after);
     node.stop().await;
 }
 

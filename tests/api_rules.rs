@@ -1,4 +1,4 @@
-//! Proves rules 1-8 of API.md through the HTTP API, one test per rule, named after the rule.
+//! Proves rules 1-8 of docs/api.md through the HTTP API, one test per rule, named after the rule.
 
 mod common;
 

@@ -8,7 +8,7 @@ use creditd::config::Config;
 use creditd::model::{Amount, Mode, NodeId, OrgId, WorkspaceId};
 use creditd::node::{Decision, LeasePolicy, Node, NodeOptions};
 use creditd::store::embedded::{EmbeddedOptions, EmbeddedStore};
-use creditd::store::{AdminOp, Store};
+use creditd::store::{ControlOp, Store};
 use tokio::sync::watch;
 
 struct Cluster {
@@ -68,9 +68,9 @@ async fn seed(node: &Node, org: &str, mode: Mode, budget: u64) {
     node.create_org(&org_id, mode, &id(WorkspaceId::parse, "primary"))
         .await
         .unwrap();
-    node.admin(
+    node.change(
         org,
-        AdminOp::Purchase {
+        ControlOp::Purchase {
             amount: Amount::new(budget).unwrap(),
         },
         None,
@@ -78,26 +78,26 @@ async fn seed(node: &Node, org: &str, mode: Mode, budget: u64) {
     .await
     .unwrap();
     if mode == Mode::Budget {
-        node.admin(
+        node.change(
             org,
-            AdminOp::CreateWorkspace {
+            ControlOp::CreateWorkspace {
                 workspace: id(WorkspaceId::parse, "ws"),
             },
             None,
         )
         .await
         .unwrap();
-        let op = AdminOp::Transfer {
+        let op = ControlOp::Transfer {
             from: id(WorkspaceId::parse, "primary"),
             to: id(WorkspaceId::parse, "ws"),
             amount: Amount::new(budget).unwrap(),
         };
-        node.admin(org, op, None).await.unwrap();
+        node.change(org, op, None).await.unwrap();
     }
 }
 
 /// The org view once it shows `used` credits consumed: a node's view of other nodes' usage
-/// lags by about one settle interval (API.md).
+/// lags by about one settle interval (docs/api.md).
 async fn view_with_used(node: &Node, org: &str, used: u64) -> creditd::model::OrgView {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -174,9 +174,9 @@ async fn a_shared_pool_is_shared_across_nodes_and_workspaces() {
     let c = cluster(3).await;
     seed(&c.nodes[0], "acme", Mode::Shared, 300).await;
     c.nodes[0]
-        .admin(
+        .change(
             "acme",
-            AdminOp::CreateWorkspace {
+            ControlOp::CreateWorkspace {
                 workspace: id(WorkspaceId::parse, "ws"),
             },
             None,
@@ -205,9 +205,9 @@ async fn a_transfer_on_one_node_is_seen_and_spendable_on_the_others() {
         ));
     }
     c.nodes[0]
-        .admin(
+        .change(
             "acme",
-            AdminOp::Purchase {
+            ControlOp::Purchase {
                 amount: Amount::new(50).unwrap(),
             },
             None,
@@ -217,12 +217,12 @@ async fn a_transfer_on_one_node_is_seen_and_spendable_on_the_others() {
     let view = view_with_used(&c.nodes[0], "acme", 3).await;
     // Moves the rest of ws back to the Primary: needs leases other nodes hold.
     let left = view.workspace("ws").unwrap().balance;
-    let op = AdminOp::Transfer {
+    let op = ControlOp::Transfer {
         from: id(WorkspaceId::parse, "ws"),
         to: id(WorkspaceId::parse, "primary"),
         amount: Amount::new(left).unwrap(),
     };
-    c.nodes[1].admin("acme", op, None).await.unwrap();
+    c.nodes[1].change("acme", op, None).await.unwrap();
     // ws is empty everywhere now.
     for node in &c.nodes {
         assert!(matches!(
@@ -230,12 +230,12 @@ async fn a_transfer_on_one_node_is_seen_and_spendable_on_the_others() {
             Ok(Decision::Insufficient { .. })
         ));
     }
-    let op = AdminOp::Transfer {
+    let op = ControlOp::Transfer {
         from: id(WorkspaceId::parse, "primary"),
         to: id(WorkspaceId::parse, "ws"),
         amount: Amount::new(10).unwrap(),
     };
-    c.nodes[2].admin("acme", op, None).await.unwrap();
+    c.nodes[2].change("acme", op, None).await.unwrap();
     assert_eq!(hammer(&c.nodes, "acme", "ws", 2, 20).await, 10);
     let view = view_with_used(&c.nodes[0], "acme", 13).await;
     assert_eq!(view.purchased, view.total_credits + view.used);

@@ -14,7 +14,7 @@ use creditd::config::Config;
 use creditd::model::{Amount, Mode, NodeId, OrgId, WorkspaceId};
 use creditd::node::{Decision, Node, NodeOptions};
 use creditd::store::embedded::{EmbeddedOptions, EmbeddedStore};
-use creditd::store::AdminOp;
+use creditd::store::ControlOp;
 use tokio::task::JoinSet;
 
 const TASKS: usize = 64;
@@ -386,19 +386,19 @@ async fn the_node_itself_allows_exactly_the_budget_to_racing_tasks() {
         .await
         .unwrap();
     for op in [
-        AdminOp::Purchase {
+        ControlOp::Purchase {
             amount: amount(BUDGET * 3),
         },
-        AdminOp::CreateWorkspace {
+        ControlOp::CreateWorkspace {
             workspace: ws("ws-a"),
         },
-        AdminOp::Transfer {
+        ControlOp::Transfer {
             from: ws("primary"),
             to: ws("ws-a"),
             amount: amount(BUDGET),
         },
     ] {
-        node.admin("acme", op, None).await.unwrap();
+        node.change("acme", op, None).await.unwrap();
     }
 
     let mut set = JoinSet::new();

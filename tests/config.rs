@@ -84,6 +84,36 @@ async fn an_invalid_authorize_deny_status_is_refused() {
     assert_refused(&out, &["authorize_deny_status", "500"]);
 }
 
+/// Every bound is checked before anything starts: a connection limit the accept loop cannot
+/// count once panicked in a spawned task after "listening" was logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_setting_beyond_its_bound_is_refused_before_start() {
+    let out = run(
+        &["serve"],
+        &[
+            ("CREDITD_LISTEN", "127.0.0.1:0"),
+            ("CREDITD_CONNECTIONS_MAX", "4611686018427387904"),
+            ("CREDITD_ACCOUNTS_MAX", "9223372036854775807"),
+            ("CREDITD_IDEMPOTENCY_TTL", "100000000h"),
+            ("CREDITD_RESERVATION_TTL_MAX", "1000000h"),
+            ("CREDITD_REDIS_CALL_TIMEOUT", "0ms"),
+        ],
+    )
+    .await;
+    assert_refused(
+        &out,
+        &[
+            "connections_max: must be from 1 to 1048576",
+            "accounts_max: must be from 1 to 100000000",
+            "idempotency_ttl: must be from 1s to 30d",
+            "reservation_ttl_max: must be from 1ms to 7d",
+            "redis_call_timeout: must be from 1ms to 1m",
+        ],
+    );
+    assert!(!out.1.contains("listening"), "{}", out.1);
+    assert!(!out.1.contains("panicked"), "{}", out.1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_key_is_reported_at_once() {
     let dir = tempfile::tempdir().unwrap();

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::run_binary;
 use creditd::model::{Amount, Mode, OrgId, WorkspaceId};
 use creditd::store::embedded::{EmbeddedOptions, EmbeddedStore, DB_FILE};
-use creditd::store::{AdminOp, Store};
+use creditd::store::{ControlOp, Store};
 
 const EXIT_DAMAGED: i32 = 65;
 const LIMIT: Duration = Duration::from_secs(30);
@@ -35,7 +35,7 @@ async fn build_store(dir: &Path) {
         store
             .apply(
                 &org,
-                &AdminOp::Purchase {
+                &ControlOp::Purchase {
                     amount: Amount::new(10_000).unwrap(),
                 },
                 None,
@@ -47,14 +47,14 @@ async fn build_store(dir: &Path) {
             store
                 .apply(
                     &org,
-                    &AdminOp::CreateWorkspace {
+                    &ControlOp::CreateWorkspace {
                         workspace: ws.clone(),
                     },
                     None,
                 )
                 .await
                 .unwrap();
-            let op = AdminOp::Transfer {
+            let op = ControlOp::Transfer {
                 from: primary.clone(),
                 to: ws,
                 amount: Amount::new(100).unwrap(),

@@ -5,7 +5,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use creditd::cache::{Account, Cache, Debit, Pool};
+use creditd::cache::{Account, AskStore, Cache, Decision, Lease, Spend};
 use creditd::model::{OrgId, WorkspaceId};
 
 /// Counts allocations made while `COUNTING` is on (by any thread, so the test runs alone).
@@ -36,10 +36,10 @@ fn a_debit_allocates_nothing() {
     let org = OrgId::parse("acme", "org").unwrap();
     for i in 0..100 {
         let ws = WorkspaceId::parse(&format!("ws-{i}"), "workspace").unwrap();
-        let pool = Arc::new(Pool::new(ws.clone()));
-        pool.give(1_000);
-        pool.set_store_left(0);
-        cache.insert(Arc::new(Account::new(org.clone(), ws, pool)));
+        let lease = Arc::new(Lease::new(ws.clone()));
+        lease.give(1_000);
+        lease.set_store_left(0);
+        cache.insert(Arc::new(Account::new(org.clone(), ws, lease)));
     }
     let names: Vec<String> = (0..100).map(|i| format!("ws-{i}")).collect();
 
@@ -50,11 +50,14 @@ fn a_debit_allocates_nothing() {
     for round in 0..20 {
         for name in &names {
             // `Node::debit`'s hot path: the debit in place in the map.
-            match cache.debit("acme", name, 60, false).expect("account") {
-                Debit::Allowed { .. } => allowed += 1,
-                Debit::Insufficient { .. } => refused += 1,
-                Debit::AskStore => {
-                    panic!("an exhausted pool must refuse from memory (round {round})")
+            match cache
+                .debit("acme", name, 60, Spend::Consume)
+                .expect("account")
+            {
+                Ok(Decision::Allowed { .. }) => allowed += 1,
+                Ok(Decision::Insufficient { .. }) => refused += 1,
+                Err(AskStore) => {
+                    panic!("an exhausted lease must refuse from memory (round {round})")
                 }
             }
             // The slow path's lookup keeps the account: a reference count, no allocation.

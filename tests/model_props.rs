@@ -9,7 +9,7 @@ use creditd::model::{
     Amount, LedgerEvent, Mode, NodeId, OrgId, OrgRecord, PriorLife, RuleError, SettleBatch,
     UsageLine, WorkspaceId,
 };
-use creditd::store::AdminOp;
+use creditd::store::ControlOp;
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 
@@ -286,22 +286,22 @@ impl Sim {
         let n = self.nodes.len();
         match *step {
             Step::Purchase { amount: a } => {
-                self.admin(AdminOp::Purchase { amount: amount(a) }, false)
+                self.change(ControlOp::Purchase { amount: amount(a) }, false)
             }
             Step::CreateWorkspace { ws: i } => {
-                self.admin(AdminOp::CreateWorkspace { workspace: ws(i) }, false)
+                self.change(ControlOp::CreateWorkspace { workspace: ws(i) }, false)
             }
             Step::DeleteWorkspace { ws: i, recall } => {
                 let workspace = self.existing(i);
-                self.admin(AdminOp::DeleteWorkspace { workspace }, recall)
+                self.change(ControlOp::DeleteWorkspace { workspace }, recall)
             }
             Step::Transfer {
                 from,
                 to,
                 amount: a,
                 recall,
-            } => self.admin(
-                AdminOp::Transfer {
+            } => self.change(
+                ControlOp::Transfer {
                     from: self.existing(from),
                     to: self.existing(to),
                     amount: amount(a),
@@ -310,7 +310,7 @@ impl Sim {
             ),
             Step::SetMode { budget, recall } => {
                 let mode = if budget { Mode::Budget } else { Mode::Shared };
-                self.admin(AdminOp::SetMode { mode }, recall)
+                self.change(ControlOp::SetMode { mode }, recall)
             }
             Step::Debit {
                 node,
@@ -613,7 +613,7 @@ impl Sim {
     /// A control-plane operation, checked against its rule. With `recall`, an operation that
     /// finds credits leased to nodes has the nodes give every lease back and is applied again,
     /// as the node's admin path does.
-    fn admin(&mut self, op: AdminOp, recall: bool) {
+    fn change(&mut self, op: ControlOp, recall: bool) {
         let needs_recall = matches!(
             op.apply(&mut self.rec.clone()),
             Err(RuleError::LeasesOutstanding { .. })
@@ -621,7 +621,7 @@ impl Sim {
         if recall && needs_recall {
             // A deletion's recall also asks the nodes to release their reservations of the
             // workspace (`Notice::Recall::cancel`).
-            if let AdminOp::DeleteWorkspace { workspace } = &op {
+            if let ControlOp::DeleteWorkspace { workspace } = &op {
                 for i in 0..self.nodes.len() {
                     while let Some(k) = self.nodes[i]
                         .reservations
@@ -642,8 +642,8 @@ impl Sim {
             Ok((returned, events)) => {
                 self.check_applied(&before, &op, returned, &events);
                 let rebuild = match op {
-                    AdminOp::DeleteWorkspace { .. } => true,
-                    AdminOp::SetMode { mode } => mode != before.mode,
+                    ControlOp::DeleteWorkspace { .. } => true,
+                    ControlOp::SetMode { mode } => mode != before.mode,
                     _ => false,
                 };
                 if rebuild {
@@ -676,21 +676,21 @@ impl Sim {
     fn check_applied(
         &self,
         before: &OrgRecord,
-        op: &AdminOp,
+        op: &ControlOp,
         returned: u64,
         events: &[LedgerEvent],
     ) {
         let primary = &before.primary;
         let bal = |r: &OrgRecord, w: &WorkspaceId| r.workspaces.get(w).map_or(0, |x| x.balance);
         match op {
-            AdminOp::Purchase { amount } => {
+            ControlOp::Purchase { amount } => {
                 assert_eq!(bal(&self.rec, primary), bal(before, primary) + amount.get());
                 assert_eq!(self.rec.purchased, before.purchased + amount.get());
             }
-            AdminOp::CreateWorkspace { workspace } => {
+            ControlOp::CreateWorkspace { workspace } => {
                 assert_eq!(self.rec.workspaces[workspace], Default::default());
             }
-            AdminOp::DeleteWorkspace { workspace } => {
+            ControlOp::DeleteWorkspace { workspace } => {
                 assert_ne!(workspace, primary);
                 assert!(!self.rec.workspaces.contains_key(workspace));
                 assert_eq!(returned, bal(before, workspace));
@@ -700,12 +700,12 @@ impl Sim {
                     before.used_deleted + before.workspaces[workspace].used
                 );
             }
-            AdminOp::Transfer { from, to, amount } => {
+            ControlOp::Transfer { from, to, amount } => {
                 assert_eq!(before.mode, Mode::Budget);
                 assert_eq!(bal(&self.rec, from), bal(before, from) - amount.get());
                 assert_eq!(bal(&self.rec, to), bal(before, to) + amount.get());
             }
-            AdminOp::SetMode { mode } => {
+            ControlOp::SetMode { mode } => {
                 if *mode == before.mode {
                     assert!(events.is_empty());
                     assert_eq!(self.rec, *before);

@@ -37,7 +37,7 @@ use creditd::model::{
 };
 use creditd::node::{Decision, LeasePolicy, Node, NodeError, NodeOptions};
 use creditd::store::{
-    AdminOp, AdminOutcome, IdempotencyKey, LedgerEntry, LedgerPage, NodeStart, Notice, Store,
+    ControlOp, ControlOutcome, IdempotencyKey, LedgerEntry, LedgerPage, NodeStart, Notice, Store,
     StoreError,
 };
 
@@ -106,7 +106,7 @@ struct Durable {
 struct Applied {
     at: Instant,
     #[allow(dead_code)]
-    op: AdminOp,
+    op: ControlOp,
     before: OrgRecord,
     after: OrgRecord,
 }
@@ -356,9 +356,9 @@ impl Store for SimStore {
     async fn apply(
         &self,
         org: &OrgId,
-        op: &AdminOp,
+        op: &ControlOp,
         _key: Option<&IdempotencyKey>,
-    ) -> Result<AdminOutcome, StoreError> {
+    ) -> Result<ControlOutcome, StoreError> {
         let (org, op) = (org.clone(), op.clone());
         let world = Arc::clone(&self.world);
         let outcome = self
@@ -382,7 +382,7 @@ impl Store for SimStore {
                 });
                 w.note(|| format!("applied {op:?} -> version {version}"));
                 Ok((
-                    AdminOutcome {
+                    ControlOutcome {
                         view: after,
                         returned,
                         replayed: false,
@@ -872,9 +872,9 @@ async fn simulate(seed: u64, world: &Shared) -> Result<Outcome, String> {
     n0.create_org(&org(), plan.mode, &ws(PRIMARY))
         .await
         .map_err(|e| format!("create org: {e}"))?;
-    n0.admin(
+    n0.change(
         ORG,
-        AdminOp::Purchase {
+        ControlOp::Purchase {
             amount: amount(plan.purchased),
         },
         None,
@@ -883,16 +883,16 @@ async fn simulate(seed: u64, world: &Shared) -> Result<Outcome, String> {
     .map_err(|e| format!("purchase: {e}"))?;
     let mut names: Vec<String> = vec![PRIMARY.into(), "a".into(), "b".into()];
     for w in ["a", "b"] {
-        n0.admin(ORG, AdminOp::CreateWorkspace { workspace: ws(w) }, None)
+        n0.change(ORG, ControlOp::CreateWorkspace { workspace: ws(w) }, None)
             .await
             .map_err(|e| format!("create {w}: {e}"))?;
     }
     if plan.mode == Mode::Budget {
         for w in ["a", "b"] {
             let share = plan.purchased / 4;
-            n0.admin(
+            n0.change(
                 ORG,
-                AdminOp::Transfer {
+                ControlOp::Transfer {
                     from: ws(PRIMARY),
                     to: ws(w),
                     amount: amount(share),
@@ -975,19 +975,19 @@ async fn simulate(seed: u64, world: &Shared) -> Result<Outcome, String> {
                 rng.below(6)
             };
             let op = match pick {
-                0 => AdminOp::Purchase {
+                0 => ControlOp::Purchase {
                     amount: amount(1 + rng.below(100)),
                 },
                 1 | 2 => {
                     let from = rng.pick(&names).clone();
                     let to = rng.pick(&names).clone();
-                    AdminOp::Transfer {
+                    ControlOp::Transfer {
                         from: ws(&from),
                         to: ws(&to),
                         amount: amount(1 + rng.below(plan.purchased / 5 + 1)),
                     }
                 }
-                3 => AdminOp::SetMode {
+                3 => ControlOp::SetMode {
                     mode: if rng.chance(500) {
                         Mode::Shared
                     } else {
@@ -996,13 +996,13 @@ async fn simulate(seed: u64, world: &Shared) -> Result<Outcome, String> {
                 },
                 4 => {
                     if names.iter().any(|n| n == "c") {
-                        AdminOp::DeleteWorkspace { workspace: ws("c") }
+                        ControlOp::DeleteWorkspace { workspace: ws("c") }
                     } else {
                         names.push("c".into());
-                        AdminOp::CreateWorkspace { workspace: ws("c") }
+                        ControlOp::CreateWorkspace { workspace: ws("c") }
                     }
                 }
-                _ => AdminOp::SetMode {
+                _ => ControlOp::SetMode {
                     mode: if rng.chance(500) {
                         Mode::Shared
                     } else {
@@ -1010,12 +1010,12 @@ async fn simulate(seed: u64, world: &Shared) -> Result<Outcome, String> {
                     },
                 },
             };
-            if let AdminOp::DeleteWorkspace { .. } = op {
+            if let ControlOp::DeleteWorkspace { .. } = op {
                 names.retain(|n| n != "c");
             }
             let seen = Arc::clone(&cluster.seen);
             cluster.tasks.push(tokio::spawn(async move {
-                if node.admin(ORG, op, None).await.is_err() {
+                if node.change(ORG, op, None).await.is_err() {
                     seen.lock().errors += 1;
                 }
             }));

@@ -13,7 +13,7 @@ use creditd::model::{
 };
 use creditd::store::embedded::{EmbeddedOptions, EmbeddedStore};
 use creditd::store::redis::{RedisOpenError, RedisOptions, RedisStore};
-use creditd::store::{AdminOp, AdminOutcome, IdempotencyKey, Notice, Store, StoreError};
+use creditd::store::{ControlOp, ControlOutcome, IdempotencyKey, Notice, Store, StoreError};
 use support::redis::{RedisCluster, RedisServer};
 
 /// Longest any bounded poll of these tests waits.
@@ -47,32 +47,32 @@ fn key(scope: &'static str, k: &str, fingerprint: &str) -> IdempotencyKey {
     }
 }
 
-fn purchase(n: u64) -> AdminOp {
-    AdminOp::Purchase { amount: amt(n) }
+fn purchase(n: u64) -> ControlOp {
+    ControlOp::Purchase { amount: amt(n) }
 }
 
-fn create_ws(name: &str) -> AdminOp {
-    AdminOp::CreateWorkspace {
+fn create_ws(name: &str) -> ControlOp {
+    ControlOp::CreateWorkspace {
         workspace: ws(name),
     }
 }
 
-fn delete_ws(name: &str) -> AdminOp {
-    AdminOp::DeleteWorkspace {
+fn delete_ws(name: &str) -> ControlOp {
+    ControlOp::DeleteWorkspace {
         workspace: ws(name),
     }
 }
 
-fn transfer(from: &str, to: &str, n: u64) -> AdminOp {
-    AdminOp::Transfer {
+fn transfer(from: &str, to: &str, n: u64) -> ControlOp {
+    ControlOp::Transfer {
         from: ws(from),
         to: ws(to),
         amount: amt(n),
     }
 }
 
-fn set_mode(mode: Mode) -> AdminOp {
-    AdminOp::SetMode { mode }
+fn set_mode(mode: Mode) -> ControlOp {
+    ControlOp::SetMode { mode }
 }
 
 /// A settle batch built step by step.
@@ -182,7 +182,7 @@ type LedgerRead = (Vec<(u64, LedgerEvent)>, Vec<Option<u64>>);
 enum Seen {
     Record(Result<OrgRecord, StoreError>),
     Maybe(Result<Option<OrgRecord>, StoreError>),
-    Outcome(Result<AdminOutcome, StoreError>),
+    Outcome(Result<ControlOutcome, StoreError>),
     Settled(Vec<Result<(SettleReply, OrgRecord), StoreError>>),
     /// Every ledger entry as (seq, event), read in pages, with the cursors seen.
     Ledger(Result<LedgerRead, StoreError>),
@@ -219,7 +219,7 @@ impl<'a> Run<'a> {
         );
     }
 
-    async fn apply(&mut self, o: &str, op: AdminOp, k: Option<IdempotencyKey>) -> Seen {
+    async fn apply(&mut self, o: &str, op: ControlOp, k: Option<IdempotencyKey>) -> Seen {
         let r = self.store.apply(&org(o), &op, k.as_ref()).await;
         if let Ok(outcome) = &r {
             assert!(outcome.view.purchased == outcome.view.total_credits + outcome.view.used);
@@ -848,12 +848,7 @@ async fn redis_counts_a_prior_life_as_consumed() {
 // -------------------------------------------------------------------------------------------
 
 fn settle_sha() -> String {
-    redis::Script::new(concat!(
-        include_str!("../src/store/redis/common.lua"),
-        include_str!("../src/store/redis/settle.lua")
-    ))
-    .get_hash()
-    .to_string()
+    creditd::store::redis::script_sha("redis_settle").expect("the settle script")
 }
 
 fn script_cached(server: &RedisServer, sha: &str) -> bool {

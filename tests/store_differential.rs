@@ -40,7 +40,7 @@ use creditd::model::{
 };
 use creditd::store::embedded::{EmbeddedOptions, EmbeddedStore};
 use creditd::store::redis::{RedisOptions, RedisStore};
-use creditd::store::{AdminOp, IdempotencyKey, Store, StoreError};
+use creditd::store::{ControlOp, IdempotencyKey, Store, StoreError};
 use proptest::prelude::*;
 use proptest::test_runner::{FileFailurePersistence, TestCaseError, TestError, TestRunner};
 use support::redis::{RedisCluster, RedisServer};
@@ -531,7 +531,7 @@ struct Case<'a> {
     /// Orgs whose states differ by design since a crash: left out of the rest of the case.
     dropped: BTreeSet<OrgId>,
     /// The last call made with each idempotency key (org, scope, key).
-    keyed: BTreeMap<(OrgId, &'static str, String), (AdminOp, IdempotencyKey)>,
+    keyed: BTreeMap<(OrgId, &'static str, String), (ControlOp, IdempotencyKey)>,
     /// What was done so far, resolved: the sequence to report when the stores differ.
     trace: Vec<String>,
     stats: &'a RefCell<Stats>,
@@ -671,12 +671,13 @@ impl<'a> Case<'a> {
                             a.get().to_string()
                         },
                     });
-                    self.apply(&org, AdminOp::Purchase { amount: a }, k).await?;
+                    self.apply(&org, ControlOp::Purchase { amount: a }, k)
+                        .await?;
                 }
                 Ok(())
             }
             Step::CreateWorkspace { org, ws } => {
-                let op = AdminOp::CreateWorkspace {
+                let op = ControlOp::CreateWorkspace {
                     workspace: ws_id(*ws),
                 };
                 self.apply(&org_id(*org), op, None).await
@@ -686,7 +687,7 @@ impl<'a> Case<'a> {
                 if *recall {
                     self.recall(&org).await?;
                 }
-                let op = AdminOp::DeleteWorkspace {
+                let op = ControlOp::DeleteWorkspace {
                     workspace: self.ws_ref(&org, *ws, None),
                 };
                 self.apply(&org, op, None).await
@@ -729,7 +730,7 @@ impl<'a> Case<'a> {
                         format!("{from}>{to}:{}", a.get())
                     },
                 });
-                let op = AdminOp::Transfer {
+                let op = ControlOp::Transfer {
                     from,
                     to,
                     amount: a,
@@ -746,7 +747,7 @@ impl<'a> Case<'a> {
                     self.recall(&org).await?;
                 }
                 let mode = if *budget { Mode::Budget } else { Mode::Shared };
-                self.apply(&org, AdminOp::SetMode { mode }, None).await
+                self.apply(&org, ControlOp::SetMode { mode }, None).await
             }
             Step::Settle { node, batches } => {
                 let n = node % NODES.len();
@@ -793,7 +794,7 @@ impl<'a> Case<'a> {
     async fn apply(
         &mut self,
         org: &OrgId,
-        op: AdminOp,
+        op: ControlOp,
         key: Option<IdempotencyKey>,
     ) -> Result<(), TestCaseError> {
         if self.dropped.contains(org) {
@@ -836,7 +837,7 @@ impl<'a> Case<'a> {
         org: &OrgId,
         scope: &'static str,
         key: Option<KeyGen>,
-    ) -> Option<(AdminOp, IdempotencyKey)> {
+    ) -> Option<(ControlOp, IdempotencyKey)> {
         let k = key.filter(|k| k.resend)?;
         self.keyed
             .get(&(org.clone(), scope, format!("k{}", k.name)))

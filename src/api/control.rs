@@ -8,9 +8,9 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use super::{json, parse_json, query_param, read_body, ApiError, App, Resp};
-use crate::model::{Amount, Mode, OrgId, OrgView, WorkspaceId, AMOUNT_MAX};
-use crate::store::{AdminOp, IdempotencyKey};
+use super::{check_amount, json, parse_json, query_param, read_body, ApiError, App, Resp};
+use crate::model::{Amount, Mode, OrgId, OrgView, WorkspaceId};
+use crate::store::{ControlOp, IdempotencyKey};
 
 /// Checks the bearer token in constant time. Without a configured token nothing passes.
 pub(super) fn authorize(app: &App, parts: &Parts) -> Result<(), ApiError> {
@@ -89,9 +89,7 @@ fn ws_id(s: &str, field: &'static str) -> Result<WorkspaceId, ApiError> {
 }
 
 fn amount(n: u64) -> Result<Amount, ApiError> {
-    Amount::new(n).ok_or_else(|| {
-        ApiError::invalid(format!("amount must be an integer from 1 to {AMOUNT_MAX}"))
-    })
+    check_amount(n, "amount")
 }
 
 fn mode(s: &str) -> Result<Mode, ApiError> {
@@ -117,6 +115,7 @@ fn idempotency_key(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CreateOrgBody {
     org: String,
     #[serde(default)]
@@ -136,6 +135,7 @@ async fn create_org(app: &App, parts: &Parts, body: Incoming) -> Result<Resp, Ap
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ModeBody {
     mode: String,
 }
@@ -143,14 +143,15 @@ struct ModeBody {
 async fn set_mode(app: &App, parts: &Parts, body: Incoming, org: OrgId) -> Result<Resp, ApiError> {
     let bytes = read_body(app, parts, body).await?;
     let req: ModeBody = parse_json(&bytes)?;
-    let op = AdminOp::SetMode {
+    let op = ControlOp::SetMode {
         mode: mode(&req.mode)?,
     };
-    let outcome = app.node.admin(org.as_str(), op, None).await?;
+    let outcome = app.node.change(org.as_str(), op, None).await?;
     Ok(json(StatusCode::OK, &outcome.view))
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CreditsBody {
     amount: u64,
     #[serde(default)]
@@ -164,12 +165,13 @@ async fn purchase(app: &App, parts: &Parts, body: Incoming, org: OrgId) -> Resul
     let key = idempotency_key(req.idempotency_key, "purchase", amount.get().to_string())?;
     let outcome = app
         .node
-        .admin(org.as_str(), AdminOp::Purchase { amount }, key)
+        .change(org.as_str(), ControlOp::Purchase { amount }, key)
         .await?;
     Ok(json(StatusCode::OK, &outcome.view))
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct WorkspaceBody {
     workspace: String,
 }
@@ -182,19 +184,19 @@ async fn create_workspace(
 ) -> Result<Resp, ApiError> {
     let bytes = read_body(app, parts, body).await?;
     let req: WorkspaceBody = parse_json(&bytes)?;
-    let op = AdminOp::CreateWorkspace {
+    let op = ControlOp::CreateWorkspace {
         workspace: ws_id(&req.workspace, "workspace")?,
     };
-    let outcome = app.node.admin(org.as_str(), op, None).await?;
+    let outcome = app.node.change(org.as_str(), op, None).await?;
     Ok(json(StatusCode::CREATED, &outcome.view))
 }
 
 async fn delete_workspace(app: &App, org: OrgId, ws: WorkspaceId) -> Result<Resp, ApiError> {
     let outcome = app
         .node
-        .admin(
+        .change(
             org.as_str(),
-            AdminOp::DeleteWorkspace { workspace: ws },
+            ControlOp::DeleteWorkspace { workspace: ws },
             None,
         )
         .await?;
@@ -207,6 +209,7 @@ async fn delete_workspace(app: &App, org: OrgId, ws: WorkspaceId) -> Result<Resp
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TransferBody {
     from: String,
     to: String,
@@ -254,12 +257,12 @@ async fn transfer(app: &App, parts: &Parts, body: Incoming, org: OrgId) -> Resul
     }
     let fingerprint = format!("{from}\u{1f}{to}\u{1f}{}", amount.get());
     let key = idempotency_key(req.idempotency_key, "transfer", fingerprint)?;
-    let op = AdminOp::Transfer {
+    let op = ControlOp::Transfer {
         from: from.clone(),
         to: to.clone(),
         amount,
     };
-    let outcome = app.node.admin(org.as_str(), op, key).await?;
+    let outcome = app.node.change(org.as_str(), op, key).await?;
     Ok(json(
         StatusCode::OK,
         &transfer_answer(&outcome.view, &from, &to, false),

@@ -12,9 +12,11 @@ use metrics::{Counter, Histogram};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{json, parse_json, query_param, read_body, with_body, ApiError, App, Resp};
+use super::{
+    check_amount, json, parse_json, query_param, read_body, with_body, ApiError, App, Resp,
+};
 use crate::metrics::{self as m, Outcome};
-use crate::model::{is_valid_id, Amount, AMOUNT_MAX};
+use crate::model::{is_valid_id, InvalidInput, AMOUNT_MAX};
 use crate::node::{Decision, Reserved};
 
 /// Metric handles of the hot path, registered once instead of looked up per request.
@@ -63,23 +65,16 @@ fn outcome_of<T>(result: &Result<T, ApiError>, decision: impl Fn(&T) -> Outcome)
     }
 }
 
-fn check_id<'a>(value: &'a str, field: &str) -> Result<&'a str, ApiError> {
+fn check_id<'a>(value: &'a str, field: &'static str) -> Result<&'a str, ApiError> {
     if is_valid_id(value) {
         Ok(value)
     } else {
-        Err(ApiError::invalid(format!(
-            "{field} must be 1 to 64 characters of A-Z a-z 0-9 . _ : -"
-        )))
+        Err(ApiError::invalid(InvalidInput::Id { field }.to_string()))
     }
 }
 
-fn check_amount(n: u64, field: &str) -> Result<Amount, ApiError> {
-    Amount::new(n).ok_or_else(|| {
-        ApiError::invalid(format!("{field} must be an integer from 1 to {AMOUNT_MAX}"))
-    })
-}
-
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DebitBody<'a> {
     #[serde(borrow)]
     org: Cow<'a, str>,
@@ -232,6 +227,7 @@ async fn authorize_inner(app: &App, parts: &Parts) -> Result<Decision, ApiError>
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ReserveBody<'a> {
     #[serde(borrow)]
     org: Cow<'a, str>,
@@ -304,6 +300,7 @@ async fn reserve_inner(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CommitBody {
     amount: u64,
 }

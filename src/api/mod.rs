@@ -32,6 +32,7 @@ use tokio::sync::Semaphore;
 pub use error::ApiError;
 
 use crate::metrics as m;
+use crate::model::{Amount, InvalidInput};
 use crate::node::Node;
 
 pub type Resp = Response<Full<Bytes>>;
@@ -298,9 +299,25 @@ pub(crate) async fn read_body(app: &App, parts: &Parts, body: Incoming) -> Resul
     }
 }
 
-/// Parses a JSON body into `T`, naming what is wrong.
+/// Parses a JSON body into `T`, naming what is wrong. Every body type refuses fields it does
+/// not know: a misspelt `idempotency_key` must not turn a retried purchase into a second one.
 pub(crate) fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| {
+        let text = e.to_string();
+        match text.strip_prefix("unknown field ") {
+            // serde: "unknown field `x`, expected one of `a`, `b` at line 1 column 9".
+            Some(rest) => {
+                let rest = rest.split(" at line ").next().unwrap_or(rest);
+                ApiError::invalid(format!("unknown field {rest}"))
+            }
+            None => ApiError::invalid(format!("invalid JSON body: {text}")),
+        }
+    })
+}
+
+/// `n` as an amount of a call (1 to `AMOUNT_MAX`), or the refusal naming `field`.
+pub(crate) fn check_amount(n: u64, field: &'static str) -> Result<Amount, ApiError> {
+    Amount::new(n).ok_or_else(|| ApiError::invalid(InvalidInput::Amount { field }.to_string()))
 }
 
 /// The value of `name` in the query string, percent-decoded.

@@ -6,8 +6,12 @@ use std::num::NonZeroU64;
 
 use serde::{Deserialize, Serialize};
 
-/// Longest id accepted, in bytes (API.md: 1 to 64 characters).
+/// Longest id accepted, in bytes.
 pub const ID_BYTES_MAX: usize = 64;
+
+/// The id rule as the caller reads it in a refusal, after the field's name.
+pub const ID_RULE: &str = "must be 1 to 64 characters of A-Z a-z 0-9 . _ : -";
+const _: () = assert!(ID_BYTES_MAX == 64, "ID_RULE names the length");
 
 /// Largest amount in one call: 10^15 stays exact in a JSON double.
 pub const AMOUNT_MAX: u64 = 1_000_000_000_000_000;
@@ -15,7 +19,7 @@ pub const AMOUNT_MAX: u64 = 1_000_000_000_000_000;
 /// Why an id or amount was refused; the text is shown to the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidInput {
-    #[error("{field} must be 1 to {ID_BYTES_MAX} characters of A-Z a-z 0-9 . _ : -")]
+    #[error("{field} {ID_RULE}")]
     Id { field: &'static str },
     #[error("{field} must be an integer from 1 to {AMOUNT_MAX}")]
     Amount { field: &'static str },

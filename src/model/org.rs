@@ -1,8 +1,9 @@
-//! One org's truth and the product's rules over it, as pure functions: no I/O, no clock, no
-//! tokio. Both stores keep exactly this record; the embedded store calls these functions and the
-//! Redis store's Lua scripts implement the same rules (the shared test suite holds them to it).
+//! One org's truth: its record, as both stores keep it. The rules over it are in
+//! [`super::rules`] (control plane) and [`super::settle`] (nodes); the embedded store calls
+//! them and the Redis store's Lua scripts implement the same rules (the shared test suite holds
+//! them to it).
 //!
-//! Where credits can be, for one org (rule 7 of API.md):
+//! Where credits can be, for one org (rule 7 of docs/api.md):
 //! `purchased == Σ balance + Σ leases + Σ held + used`, where
 //! - `balance` is what a workspace holds that no node has leased,
 //! - `leases` are credits handed to a node to spend locally (they still belong to the workspace
@@ -17,7 +18,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::ids::{Amount, NodeId, OrgId, WorkspaceId};
+use super::ids::{NodeId, OrgId, WorkspaceId};
+use super::{LedgerEvent, RuleError};
 
 /// How the workspaces of an org spend (see the product definition).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -30,6 +32,8 @@ pub enum Mode {
 }
 
 impl Mode {
+    pub const ALL: [Mode; 2] = [Mode::Shared, Mode::Budget];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Shared => "shared",
@@ -44,38 +48,6 @@ impl Mode {
             _ => None,
         }
     }
-}
-
-/// A rule the operation would break; nothing was changed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RuleError {
-    #[error("unknown workspace {0}")]
-    UnknownWorkspace(WorkspaceId),
-    #[error("workspace {0} already exists")]
-    WorkspaceExists(WorkspaceId),
-    #[error("the Primary Workspace {0} cannot be deleted")]
-    PrimaryWorkspace(WorkspaceId),
-    #[error("transfers are allowed in budget mode only; this org is in {} mode", .0.as_str())]
-    WrongMode(Mode),
-    #[error("from and to must be different workspaces")]
-    SameWorkspace,
-    #[error("workspace {workspace} has {available} credits, fewer than {wanted}")]
-    InsufficientCredits {
-        workspace: WorkspaceId,
-        available: u64,
-        wanted: u64,
-    },
-    /// The credits exist but some are leased to nodes: the caller recalls leases and retries.
-    #[error("{leased} credits of {workspace} are leased to nodes; recall them first")]
-    LeasesOutstanding { workspace: WorkspaceId, leased: u64 },
-    #[error("credit arithmetic would overflow")]
-    Overflow,
-    /// A settle batch that does not fit the store's books (a bug or a forged batch).
-    #[error("settle batch refused: {0}")]
-    BatchRefused(String),
-    /// A batch from an earlier life (epoch) of the node: ignored, never applied.
-    #[error("settle batch from epoch {batch} but node is at epoch {current}")]
-    StaleEpoch { batch: u64, current: u64 },
 }
 
 /// What a workspace holds that no node has leased, and what it consumed.
@@ -120,7 +92,7 @@ pub struct NodeShare {
 }
 
 impl NodeShare {
-    fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.leases.values().all(|&v| v == 0)
             && self.held.values().all(|&v| v == 0)
             && self.held_from.values().all(|&v| v == 0)
@@ -144,164 +116,6 @@ pub struct OrgRecord {
     pub version: u64,
 }
 
-/// Something that happened to an org, as kept in its ledger.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum LedgerEvent {
-    OrgCreated {
-        mode: Mode,
-        primary: WorkspaceId,
-    },
-    Purchase {
-        workspace: WorkspaceId,
-        amount: u64,
-    },
-    Transfer {
-        from: WorkspaceId,
-        to: WorkspaceId,
-        amount: u64,
-    },
-    WorkspaceCreated {
-        workspace: WorkspaceId,
-    },
-    WorkspaceDeleted {
-        workspace: WorkspaceId,
-        returned_to_primary: u64,
-    },
-    ModeChanged {
-        from: Mode,
-        to: Mode,
-    },
-    Sweep {
-        workspace: WorkspaceId,
-        to: WorkspaceId,
-        amount: u64,
-    },
-    Usage {
-        node: NodeId,
-        workspace: WorkspaceId,
-        amount: u64,
-    },
-    LeaseExpired {
-        node: NodeId,
-        workspace: WorkspaceId,
-        amount: u64,
-    },
-    LeaseReturned {
-        node: NodeId,
-        workspace: WorkspaceId,
-        amount: u64,
-    },
-    /// Usage a node reported that no lease or reservation of its own backed in the store: it
-    /// was spent from credits already counted as consumed when the node's lease expired (or
-    /// granted by writes the store lost). Recorded, never charged twice.
-    UsageUnbacked {
-        node: NodeId,
-        workspace: WorkspaceId,
-        amount: u64,
-    },
-}
-
-/// What one node reports for one workspace since its last batch. All fields are increments.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UsageLine {
-    pub workspace: WorkspaceId,
-    /// The spender whose lease paid: the workspace itself in budget mode, the Primary in shared.
-    pub spender: WorkspaceId,
-    /// Debited straight from the lease.
-    pub consumed: u64,
-    /// Moved from the lease into reservations.
-    pub reserved: u64,
-    /// Charged from reservations.
-    pub committed: u64,
-    /// Given back from reservations into the lease.
-    pub released: u64,
-}
-
-/// One node's settle call for one org: usage, lease given back, lease wanted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SettleBatch {
-    pub node: NodeId,
-    pub epoch: u64,
-    pub seq: u64,
-    /// The org version the node's view (its accounts and leases) was built from. The store
-    /// grants leases only to a batch of the current version: a node that has not applied a
-    /// change yet is granted nothing and learns the new version from the reply.
-    pub version: u64,
-    pub lines: Vec<UsageLine>,
-    /// Unspent lease given back, by spender.
-    pub release: Vec<(WorkspaceId, u64)>,
-    /// Lease wanted, by spender; the store grants what it can.
-    pub want: Vec<(WorkspaceId, u64)>,
-}
-
-impl SettleBatch {
-    /// True when the batch changes nothing but the heartbeat.
-    pub fn is_empty(&self) -> bool {
-        self.lines.is_empty() && self.release.is_empty() && self.want.is_empty()
-    }
-}
-
-/// The store's answer to a settle.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SettleReply {
-    /// False when the batch had been applied before (a retry): nothing changed this time.
-    pub applied: bool,
-    /// Lease granted, by spender (for a retry: the grants of the first application).
-    pub grants: Vec<(WorkspaceId, u64)>,
-    /// The org's change epoch after the batch.
-    pub version: u64,
-    /// True when an expiry closed the node's holdings since its previous batch: they were
-    /// counted as consumed, and the node must forfeit what it still holds in memory.
-    pub expired: bool,
-    /// Usage in the batch that nothing the node holds in the store backed (recorded as
-    /// `usage_unbacked`, not charged again); 0 for a retry.
-    pub unbacked: u64,
-    /// The sequence number the store had for the node's life before this batch (0 for a new
-    /// life). Lower than what the node knows was acknowledged: the store forgot writes.
-    pub prev_seq: u64,
-}
-
-/// What happens to what a node held when its life ends without a clean stop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PriorLife {
-    /// Give it back to the balances: right when the node was the only spender (embedded store),
-    /// since nobody else could have spent it. Its unsettled usage is lost (under-charged).
-    ReturnToBalance,
-    /// Count it as consumed (`lease_expired`): right in a cluster, where the node may have
-    /// spent it and nobody may spend it twice.
-    CountAsConsumed,
-}
-
-/// A workspace as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WorkspaceView {
-    pub workspace: WorkspaceId,
-    pub primary: bool,
-    pub balance: u64,
-    pub held: u64,
-    pub used: u64,
-}
-
-/// An org as the API shows it: leases are folded back into the balances they came from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OrgView {
-    pub org: OrgId,
-    pub mode: Mode,
-    pub primary: WorkspaceId,
-    pub purchased: u64,
-    pub total_credits: u64,
-    pub held: u64,
-    pub used: u64,
-    pub workspaces: Vec<WorkspaceView>,
-}
-
-impl OrgView {
-    pub fn workspace(&self, ws: &str) -> Option<&WorkspaceView> {
-        self.workspaces.iter().find(|w| w.workspace.as_str() == ws)
-    }
-}
-
 /// Largest value any credit counter of an org may reach: 2^53 - 1. The Redis store's Lua
 /// scripts compute with doubles, which are exact only up to 2^53, so both stores refuse (with
 /// [`RuleError::Overflow`]) a purchase that would take `purchased` beyond it. Every other counter
@@ -309,11 +123,11 @@ impl OrgView {
 /// never exceed it either.
 pub const CREDITS_MAX: u64 = (1 << 53) - 1;
 
-fn add(a: u64, b: u64) -> Result<u64, RuleError> {
+pub(super) fn add(a: u64, b: u64) -> Result<u64, RuleError> {
     a.checked_add(b).ok_or(RuleError::Overflow)
 }
 
-fn sub(a: u64, b: u64, what: &str) -> Result<u64, RuleError> {
+pub(super) fn sub(a: u64, b: u64, what: &str) -> Result<u64, RuleError> {
     a.checked_sub(b)
         .ok_or_else(|| RuleError::BatchRefused(format!("{what} would go negative")))
 }
@@ -349,7 +163,7 @@ impl OrgRecord {
 
     /// Where credits given back for `spender` go now: the spender itself if it still spends for
     /// itself, else the Primary (deleted workspace, or shared mode).
-    fn home_of(&self, spender: &WorkspaceId) -> WorkspaceId {
+    pub(super) fn home_of(&self, spender: &WorkspaceId) -> WorkspaceId {
         match self.spender_of(spender) {
             Some(s) => s.clone(),
             None => self.primary.clone(),
@@ -366,612 +180,17 @@ impl OrgRecord {
         self.nodes.values().filter_map(|n| n.held.get(ws)).sum()
     }
 
-    fn ws_mut(&mut self, ws: &WorkspaceId) -> Result<&mut WorkspaceRecord, RuleError> {
+    pub(super) fn ws_mut(&mut self, ws: &WorkspaceId) -> Result<&mut WorkspaceRecord, RuleError> {
         self.workspaces
             .get_mut(ws)
             .ok_or_else(|| RuleError::UnknownWorkspace(ws.clone()))
     }
 
-    fn balance_of(&self, ws: &WorkspaceId) -> Result<u64, RuleError> {
+    pub(super) fn balance_of(&self, ws: &WorkspaceId) -> Result<u64, RuleError> {
         self.workspaces
             .get(ws)
             .map(|w| w.balance)
             .ok_or_else(|| RuleError::UnknownWorkspace(ws.clone()))
-    }
-
-    /// Rule 1: purchased credits land in the Primary.
-    pub fn purchase(&mut self, amount: Amount) -> Result<LedgerEvent, RuleError> {
-        let purchased = add(self.purchased, amount.get())?;
-        if purchased > CREDITS_MAX {
-            return Err(RuleError::Overflow);
-        }
-        let primary = self.primary.clone();
-        let ws = self.ws_mut(&primary)?;
-        ws.balance = add(ws.balance, amount.get())?;
-        self.purchased = purchased;
-        self.version += 1;
-        Ok(LedgerEvent::Purchase {
-            workspace: primary,
-            amount: amount.get(),
-        })
-    }
-
-    pub fn create_workspace(&mut self, ws: WorkspaceId) -> Result<LedgerEvent, RuleError> {
-        if self.workspaces.contains_key(&ws) {
-            return Err(RuleError::WorkspaceExists(ws));
-        }
-        self.workspaces
-            .insert(ws.clone(), WorkspaceRecord::default());
-        self.version += 1;
-        Ok(LedgerEvent::WorkspaceCreated { workspace: ws })
-    }
-
-    /// Checks a transfer (rule 3) without applying it. Leased credits of the source must be
-    /// recalled first: a transfer only moves what no node can be spending.
-    pub fn check_transfer(
-        &self,
-        from: &WorkspaceId,
-        to: &WorkspaceId,
-        amount: Amount,
-    ) -> Result<(), RuleError> {
-        if self.mode != Mode::Budget {
-            return Err(RuleError::WrongMode(self.mode));
-        }
-        if from == to {
-            return Err(RuleError::SameWorkspace);
-        }
-        let available = self.balance_of(from)?;
-        let to_balance = self.balance_of(to)?;
-        add(to_balance, amount.get())?;
-        if available < amount.get() {
-            let leased = self.leased(from);
-            if add(available, leased)? >= amount.get() {
-                return Err(RuleError::LeasesOutstanding {
-                    workspace: from.clone(),
-                    leased,
-                });
-            }
-            return Err(RuleError::InsufficientCredits {
-                workspace: from.clone(),
-                available: available + leased,
-                wanted: amount.get(),
-            });
-        }
-        Ok(())
-    }
-
-    /// Rule 3: move credits between two workspaces of a budget-mode org.
-    pub fn transfer(
-        &mut self,
-        from: &WorkspaceId,
-        to: &WorkspaceId,
-        amount: Amount,
-    ) -> Result<LedgerEvent, RuleError> {
-        self.check_transfer(from, to, amount)?;
-        self.ws_mut(from)?.balance -= amount.get();
-        self.ws_mut(to)?.balance += amount.get();
-        self.version += 1;
-        Ok(LedgerEvent::Transfer {
-            from: from.clone(),
-            to: to.clone(),
-            amount: amount.get(),
-        })
-    }
-
-    /// Rule 5: a deleted workspace's credits return to the Primary; the Primary stays.
-    /// Returns the credits returned.
-    pub fn delete_workspace(&mut self, ws: &WorkspaceId) -> Result<(u64, LedgerEvent), RuleError> {
-        if *ws == self.primary {
-            return Err(RuleError::PrimaryWorkspace(ws.clone()));
-        }
-        let record = self
-            .workspaces
-            .get(ws)
-            .ok_or_else(|| RuleError::UnknownWorkspace(ws.clone()))?;
-        // Credits of the workspace held by nodes, leased or reserved, must be back first: a
-        // reservation committed after the deletion would otherwise charge a workspace of the
-        // same name created later.
-        let leased = add(self.leased(ws), self.held(ws))?;
-        if leased > 0 {
-            return Err(RuleError::LeasesOutstanding {
-                workspace: ws.clone(),
-                leased,
-            });
-        }
-        let (returned, used) = (record.balance, record.used);
-        let used_deleted = add(self.used_deleted, used)?;
-        let primary = self.primary.clone();
-        let p = self.ws_mut(&primary)?;
-        p.balance = add(p.balance, returned)?;
-        self.used_deleted = used_deleted;
-        self.workspaces.remove(ws);
-        self.version += 1;
-        Ok((
-            returned,
-            LedgerEvent::WorkspaceDeleted {
-                workspace: ws.clone(),
-                returned_to_primary: returned,
-            },
-        ))
-    }
-
-    /// Rule 6: budget → shared sweeps every other balance into the Primary; shared → budget
-    /// moves nothing. Setting the current mode again changes nothing and records nothing.
-    pub fn set_mode(&mut self, mode: Mode) -> Result<Vec<LedgerEvent>, RuleError> {
-        if mode == self.mode {
-            return Ok(Vec::new());
-        }
-        let mut events = vec![LedgerEvent::ModeChanged {
-            from: self.mode,
-            to: mode,
-        }];
-        // shared -> budget: the Primary's leases were the whole org's pool, and nodes spend them
-        // for every workspace until they learn of the switch. They must be back first, or a
-        // workspace with no budget could spend the Primary's credits in the meantime.
-        if mode == Mode::Budget {
-            let leased = self.leased(&self.primary);
-            if leased > 0 {
-                return Err(RuleError::LeasesOutstanding {
-                    workspace: self.primary.clone(),
-                    leased,
-                });
-            }
-        }
-        if mode == Mode::Shared {
-            for ws in self.workspaces.keys().filter(|w| **w != self.primary) {
-                let leased = self.leased(ws);
-                if leased > 0 {
-                    return Err(RuleError::LeasesOutstanding {
-                        workspace: ws.clone(),
-                        leased,
-                    });
-                }
-            }
-            let mut swept = 0u64;
-            for (ws, record) in self
-                .workspaces
-                .iter_mut()
-                .filter(|(w, _)| **w != self.primary)
-            {
-                if record.balance > 0 {
-                    events.push(LedgerEvent::Sweep {
-                        workspace: ws.clone(),
-                        to: self.primary.clone(),
-                        amount: record.balance,
-                    });
-                    swept = add(swept, record.balance)?;
-                    record.balance = 0;
-                }
-            }
-            let primary = self.primary.clone();
-            let p = self.ws_mut(&primary)?;
-            p.balance = add(p.balance, swept)?;
-        }
-        self.mode = mode;
-        self.version += 1;
-        Ok(events)
-    }
-
-    /// Applies one node's settle batch: usage, lease given back, lease granted. A batch already
-    /// applied (same node, epoch and sequence number or lower) changes nothing and is answered
-    /// with its first grants; a batch from an older epoch is refused. A batch from a newer epoch
-    /// first closes the node's previous life as `prior_life` says.
-    pub fn settle(
-        &mut self,
-        batch: &SettleBatch,
-        now_ms: u64,
-        prior_life: PriorLife,
-    ) -> Result<(SettleReply, Vec<LedgerEvent>), RuleError> {
-        let mut events = Vec::new();
-        if let Some(share) = self.nodes.get(&batch.node) {
-            if batch.epoch < share.epoch {
-                return Err(RuleError::StaleEpoch {
-                    batch: batch.epoch,
-                    current: share.epoch,
-                });
-            }
-            if batch.epoch == share.epoch && batch.seq <= share.seq {
-                let last = batch.seq == share.seq;
-                let reply = SettleReply {
-                    applied: false,
-                    grants: if last {
-                        share.last_grants.clone()
-                    } else {
-                        Vec::new()
-                    },
-                    version: self.version,
-                    expired: last && share.last_expired,
-                    unbacked: 0,
-                    prev_seq: if last { share.last_prev_seq } else { share.seq },
-                };
-                return Ok((reply, events));
-            }
-        }
-        let mut next = self.clone();
-        let prev_seq = next
-            .nodes
-            .get(&batch.node)
-            .filter(|s| s.epoch == batch.epoch)
-            .map_or(0, |s| s.seq);
-        let is_new_life = next
-            .nodes
-            .get(&batch.node)
-            .is_some_and(|s| s.epoch < batch.epoch);
-        if is_new_life {
-            events.extend(next.close_node(&batch.node, prior_life)?);
-        }
-        let mut share = next.nodes.remove(&batch.node).unwrap_or_default();
-        // A new life starts with nothing in memory: nothing to forfeit.
-        let expired = share.expired && !is_new_life;
-        share.expired = false;
-        share.epoch = batch.epoch;
-        share.seq = batch.seq;
-        share.seen_ms = now_ms;
-
-        let unbacked = next.settle_lines(&mut share, batch, &mut events)?;
-        next.settle_releases(&mut share, &batch.release)?;
-        // A batch built on an older (or forgotten) version of the org is granted nothing: its
-        // node may still map workspaces to spenders as they were before the change.
-        let grants = if batch.version == next.version {
-            next.grant(&mut share, &batch.want)?
-        } else {
-            Vec::new()
-        };
-        share.leases.retain(|_, v| *v > 0);
-        share.held.retain(|_, v| *v > 0);
-        share.held_from.retain(|_, v| *v > 0);
-        share.last_grants = grants.clone();
-        share.last_expired = expired;
-        share.last_prev_seq = prev_seq;
-        next.nodes.insert(batch.node.clone(), share);
-        debug_assert!(next.is_conserved(), "settle broke conservation: {next:?}");
-        *self = next;
-        Ok((
-            SettleReply {
-                applied: true,
-                grants,
-                version: self.version,
-                expired,
-                unbacked,
-                prev_seq,
-            },
-            events,
-        ))
-    }
-
-    /// The usage lines of a batch; returns the usage nothing in the store backed.
-    ///
-    /// Lines are increments over one interval and several lines may share a spender (every
-    /// workspace spends the Primary's lease in shared mode): one workspace may have spent what
-    /// another's reservation gave back. So every line's credits apply before any line's
-    /// debits, and only the net result per lease and per reservation must not go negative.
-    /// When it would (the node's lease expired while it lived, or the store forgot a grant),
-    /// the lines are applied flow by flow instead, each capped at what the node holds in the
-    /// store: what no lease or reservation backs is recorded as `usage_unbacked` and not
-    /// charged (it was paid for when the lease expired), and nothing is created.
-    fn settle_lines(
-        &mut self,
-        share: &mut NodeShare,
-        batch: &SettleBatch,
-        events: &mut Vec<LedgerEvent>,
-    ) -> Result<u64, RuleError> {
-        let (mut exact_record, mut exact_share, mut exact_events) =
-            (self.clone(), share.clone(), Vec::new());
-        match exact_record.lines_exact(&mut exact_share, batch, &mut exact_events) {
-            Ok(()) => {
-                *self = exact_record;
-                *share = exact_share;
-                events.extend(exact_events);
-                Ok(0)
-            }
-            Err(RuleError::BatchRefused(_)) => self.lines_capped(share, batch, events),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Every line's credits, then every line's debits; refused if a net result goes negative,
-    /// or if the credits or the debits of one lease or reservation add up beyond
-    /// [`CREDITS_MAX`] (no real batch does; the Redis scripts compute with doubles, exact only
-    /// below it). A refusal here sends the batch to [`Self::lines_capped`].
-    fn lines_exact(
-        &mut self,
-        share: &mut NodeShare,
-        batch: &SettleBatch,
-        events: &mut Vec<LedgerEvent>,
-    ) -> Result<(), RuleError> {
-        let mut sums: BTreeMap<(u8, &WorkspaceId), (u128, u128)> = BTreeMap::new();
-        for line in &batch.lines {
-            // A line whose amounts do not even add up in a u64 is refused outright.
-            add(line.consumed, line.reserved)?;
-            add(line.committed, line.released)?;
-            add(line.consumed, line.committed)?;
-        }
-        for line in &batch.lines {
-            let (c, d) = sums.entry((0, &line.spender)).or_default();
-            *c += line.released as u128;
-            *d += line.consumed as u128 + line.reserved as u128;
-            let (c, d) = sums.entry((1, &line.workspace)).or_default();
-            *c += line.reserved as u128;
-            *d += line.committed as u128 + line.released as u128;
-            let (c, d) = sums.entry((2, &line.spender)).or_default();
-            *c += line.reserved as u128;
-            *d += line.committed as u128 + line.released as u128;
-        }
-        if sums
-            .values()
-            .any(|&(c, d)| c > CREDITS_MAX as u128 || d > CREDITS_MAX as u128)
-        {
-            return Err(RuleError::BatchRefused("a batch sum above 2^53-1".into()));
-        }
-        for line in &batch.lines {
-            let lease = share.leases.entry(line.spender.clone()).or_default();
-            *lease = add(*lease, line.released)?;
-            let held = share.held.entry(line.workspace.clone()).or_default();
-            *held = add(*held, line.reserved)?;
-            let from = share.held_from.entry(line.spender.clone()).or_default();
-            *from = add(*from, line.reserved)?;
-        }
-        for line in &batch.lines {
-            let lease = share.leases.entry(line.spender.clone()).or_default();
-            *lease = sub(*lease, add(line.consumed, line.reserved)?, "lease")?;
-            let held = share.held.entry(line.workspace.clone()).or_default();
-            *held = sub(*held, add(line.committed, line.released)?, "held")?;
-            let from = share.held_from.entry(line.spender.clone()).or_default();
-            *from = sub(*from, add(line.committed, line.released)?, "held")?;
-            let used = add(line.consumed, line.committed)?;
-            if used > 0 {
-                self.add_used(&line.workspace, used)?;
-                events.push(LedgerEvent::Usage {
-                    node: batch.node.clone(),
-                    workspace: line.workspace.clone(),
-                    amount: used,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// The lines flow by flow, each capped at what the node holds: reservations made (lease
-    /// to held), then reservations ended (held to lease, held to used), then debits (lease to
-    /// used), each pass in line order. Returns the usage that was not backed.
-    fn lines_capped(
-        &mut self,
-        share: &mut NodeShare,
-        batch: &SettleBatch,
-        events: &mut Vec<LedgerEvent>,
-    ) -> Result<u64, RuleError> {
-        fn take(map: &mut BTreeMap<WorkspaceId, u64>, key: &WorkspaceId, wanted: u64) -> u64 {
-            let have = map.entry(key.clone()).or_default();
-            let taken = wanted.min(*have);
-            *have -= taken;
-            taken
-        }
-        fn put(
-            map: &mut BTreeMap<WorkspaceId, u64>,
-            key: &WorkspaceId,
-            n: u64,
-        ) -> Result<(), RuleError> {
-            let have = map.entry(key.clone()).or_default();
-            *have = add(*have, n)?;
-            Ok(())
-        }
-        // Ends up to `wanted` of a reservation: held by workspace and by spender alike.
-        fn take_held(share: &mut NodeShare, line: &UsageLine, wanted: u64) -> u64 {
-            let held = share.held.get(&line.workspace).copied().unwrap_or(0);
-            let from = share.held_from.get(&line.spender).copied().unwrap_or(0);
-            let taken = wanted.min(held.min(from));
-            take(&mut share.held, &line.workspace, taken);
-            take(&mut share.held_from, &line.spender, taken);
-            taken
-        }
-        let mut backed = vec![0u64; batch.lines.len()];
-        for line in &batch.lines {
-            let n = take(&mut share.leases, &line.spender, line.reserved);
-            put(&mut share.held, &line.workspace, n)?;
-            put(&mut share.held_from, &line.spender, n)?;
-        }
-        for (i, line) in batch.lines.iter().enumerate() {
-            let released = take_held(share, line, line.released);
-            put(&mut share.leases, &line.spender, released)?;
-            backed[i] = take_held(share, line, line.committed);
-        }
-        for (i, line) in batch.lines.iter().enumerate() {
-            backed[i] += take(&mut share.leases, &line.spender, line.consumed);
-        }
-        let mut unbacked_total = 0u64;
-        for (line, backed) in batch.lines.iter().zip(backed) {
-            let used = add(line.consumed, line.committed)?;
-            if backed > 0 {
-                self.add_used(&line.workspace, backed)?;
-                events.push(LedgerEvent::Usage {
-                    node: batch.node.clone(),
-                    workspace: line.workspace.clone(),
-                    amount: backed,
-                });
-            }
-            let unbacked = used - backed;
-            if unbacked > 0 {
-                unbacked_total = add(unbacked_total, unbacked)?;
-                events.push(LedgerEvent::UsageUnbacked {
-                    node: batch.node.clone(),
-                    workspace: line.workspace.clone(),
-                    amount: unbacked,
-                });
-            }
-        }
-        Ok(unbacked_total)
-    }
-
-    /// Counts `n` as consumed by `ws` (by deleted workspaces if it is gone).
-    fn add_used(&mut self, ws: &WorkspaceId, n: u64) -> Result<(), RuleError> {
-        match self.workspaces.get_mut(ws) {
-            Some(w) => w.used = add(w.used, n)?,
-            None => self.used_deleted = add(self.used_deleted, n)?,
-        }
-        Ok(())
-    }
-
-    /// Leases given back: each capped at what the store records the node holding (a node
-    /// cannot give back credits the store never leased to it); they go to the spender's
-    /// balance, or to the Primary if the spender no longer spends for itself.
-    fn settle_releases(
-        &mut self,
-        share: &mut NodeShare,
-        release: &[(WorkspaceId, u64)],
-    ) -> Result<(), RuleError> {
-        for (spender, amount) in release {
-            let lease = share.leases.entry(spender.clone()).or_default();
-            let back = (*amount).min(*lease);
-            *lease -= back;
-            let home = self.home_of(spender);
-            let w = self.ws_mut(&home)?;
-            w.balance = add(w.balance, back)?;
-        }
-        Ok(())
-    }
-
-    /// Leases granted, up to each spender's unleased balance, only for a spender that is one
-    /// under the current mode: a node asking for a workspace that now spends from the Primary
-    /// gets nothing and learns the change from `version`.
-    fn grant(
-        &mut self,
-        share: &mut NodeShare,
-        want: &[(WorkspaceId, u64)],
-    ) -> Result<Vec<(WorkspaceId, u64)>, RuleError> {
-        let mut grants = Vec::new();
-        for (spender, wanted) in want {
-            if self.spender_of(spender) != Some(spender) {
-                continue;
-            }
-            let w = self.ws_mut(spender)?;
-            let granted = (*wanted).min(w.balance);
-            if granted == 0 {
-                continue;
-            }
-            w.balance -= granted;
-            let lease = share.leases.entry(spender.clone()).or_default();
-            *lease = add(*lease, granted)?;
-            grants.push((spender.clone(), granted));
-        }
-        Ok(grants)
-    }
-
-    /// Ends a node's holdings: its leases and reservations go back to balances or count as
-    /// consumed, as `prior_life` says. Used for a node that restarted or stopped heartbeating.
-    pub fn close_node(
-        &mut self,
-        node: &NodeId,
-        prior_life: PriorLife,
-    ) -> Result<Vec<LedgerEvent>, RuleError> {
-        let Some(share) = self.nodes.get(node).cloned() else {
-            return Ok(Vec::new());
-        };
-        let mut next = self.clone();
-        let mut events = Vec::new();
-        // Reservations were taken from their spender's lease: given back, they go where the
-        // lease goes. Counted as consumed, they are the workspace's usage.
-        let mut returns: BTreeMap<WorkspaceId, u64> = share.leases.clone();
-        if prior_life == PriorLife::ReturnToBalance {
-            for (spender, held) in &share.held_from {
-                let r = returns.entry(spender.clone()).or_default();
-                *r = add(*r, *held)?;
-            }
-        }
-        if prior_life == PriorLife::CountAsConsumed {
-            for (ws, held) in &share.held {
-                next.add_used(ws, *held)?;
-                events.push(LedgerEvent::LeaseExpired {
-                    node: node.clone(),
-                    workspace: ws.clone(),
-                    amount: *held,
-                });
-            }
-        }
-        for (spender, amount) in returns.into_iter().filter(|(_, a)| *a > 0) {
-            match prior_life {
-                PriorLife::ReturnToBalance => {
-                    let home = next.home_of(&spender);
-                    let w = next.ws_mut(&home)?;
-                    w.balance = add(w.balance, amount)?;
-                    events.push(LedgerEvent::LeaseReturned {
-                        node: node.clone(),
-                        workspace: spender,
-                        amount,
-                    });
-                }
-                PriorLife::CountAsConsumed => {
-                    next.add_used(&spender, amount)?;
-                    events.push(LedgerEvent::LeaseExpired {
-                        node: node.clone(),
-                        workspace: spender,
-                        amount,
-                    });
-                }
-            }
-        }
-        if let Some(s) = next.nodes.get_mut(node) {
-            s.leases.clear();
-            s.held.clear();
-            s.held_from.clear();
-        }
-        debug_assert!(
-            next.is_conserved(),
-            "close_node broke conservation: {next:?}"
-        );
-        *self = next;
-        Ok(events)
-    }
-
-    /// A copy in which every node's leases are back in the balances they came from (held
-    /// reservations stay held): what a recall would leave, for previews.
-    pub fn with_leases_returned(&self) -> Result<OrgRecord, RuleError> {
-        let mut copy = self.clone();
-        for share in copy.nodes.values_mut() {
-            for (spender, amount) in std::mem::take(&mut share.leases) {
-                let home = self.home_of(&spender);
-                let w = copy
-                    .workspaces
-                    .get_mut(&home)
-                    .ok_or(RuleError::UnknownWorkspace(home))?;
-                w.balance = add(w.balance, amount)?;
-            }
-        }
-        debug_assert!(copy.is_conserved());
-        Ok(copy)
-    }
-
-    /// Closes every node but `except` whose last settle is older than `lease_ttl_ms` and that
-    /// still holds something: what it held counts as consumed (`lease_expired`), since it may
-    /// have spent it and nobody may spend it twice. Nodes are closed in id order. The Redis store
-    /// runs this after every applied settle (`except` is the settling node); the embedded store
-    /// never does, since its one node cannot be silent while it settles.
-    pub fn expire_nodes(
-        &mut self,
-        now_ms: u64,
-        lease_ttl_ms: u64,
-        except: &NodeId,
-    ) -> Result<Vec<LedgerEvent>, RuleError> {
-        let mut next = self.clone();
-        let mut events = Vec::new();
-        for node in self.expired_nodes(now_ms, lease_ttl_ms) {
-            if node != *except {
-                events.extend(next.close_node(&node, PriorLife::CountAsConsumed)?);
-                if let Some(share) = next.nodes.get_mut(&node) {
-                    share.expired = true;
-                }
-            }
-        }
-        *self = next;
-        Ok(events)
-    }
-
-    /// Nodes whose last settle is older than `lease_ttl_ms` and that still hold something.
-    pub fn expired_nodes(&self, now_ms: u64, lease_ttl_ms: u64) -> Vec<NodeId> {
-        self.nodes
-            .iter()
-            .filter(|(_, s)| !s.is_empty() && now_ms.saturating_sub(s.seen_ms) > lease_ttl_ms)
-            .map(|(n, _)| n.clone())
-            .collect()
     }
 
     /// Rule 7: every credit added is in a balance, a lease, a reservation or consumed.
@@ -999,45 +218,5 @@ impl OrgRecord {
                 == n.held_from.values().map(|&v| v as u128).sum::<u128>()
         });
         held_agrees && self.purchased as u128 == balances + used + nodes
-    }
-
-    /// The org as the API shows it.
-    pub fn view(&self) -> OrgView {
-        let mut held_total = 0u64;
-        let mut held_by_ws: BTreeMap<&WorkspaceId, u64> = BTreeMap::new();
-        for share in self.nodes.values() {
-            for (ws, h) in &share.held {
-                *held_by_ws.entry(ws).or_default() += h;
-                held_total += h;
-            }
-        }
-        let mut used = self.used_deleted;
-        let mut balances = 0u64;
-        let workspaces = self
-            .workspaces
-            .iter()
-            .map(|(ws, w)| {
-                let balance = w.balance + self.leased(ws);
-                balances += balance;
-                used += w.used;
-                WorkspaceView {
-                    workspace: ws.clone(),
-                    primary: *ws == self.primary,
-                    balance,
-                    held: held_by_ws.get(ws).copied().unwrap_or(0),
-                    used: w.used,
-                }
-            })
-            .collect();
-        OrgView {
-            org: self.org.clone(),
-            mode: self.mode,
-            primary: self.primary.clone(),
-            purchased: self.purchased,
-            total_credits: balances + held_total,
-            held: held_total,
-            used,
-            workspaces,
-        }
     }
 }

@@ -1,8 +1,8 @@
-//! Proves each product rule of API.md (1-7) and each settle/close rule of DESIGN.md on the pure
+//! Proves each product rule of docs/api.md (1-7) and each settle/close rule of docs/design.md on the pure
 //! model, one test per rule, including that every refused operation leaves the record unchanged.
 
 use super::*;
-use crate::store::AdminOp;
+use crate::store::ControlOp;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -150,7 +150,7 @@ fn refused<T: std::fmt::Debug>(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Rules 1-7 (API.md)
+// Rules 1-7 (docs/api.md, "Product rules")
 // ---------------------------------------------------------------------------------------------
 
 #[test]
@@ -541,7 +541,7 @@ fn rule7_every_operation_conserves_credits() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Settle (DESIGN.md: leases, exactly-once, node lives)
+// Settle (docs/design.md: leases, exactly-once, node lives)
 // ---------------------------------------------------------------------------------------------
 
 #[test]
@@ -1024,19 +1024,19 @@ fn refused_admin_operations_leave_the_record_unchanged() {
     settle(&mut r, &want(batch("n1", 1, 1), "ws-a", 100));
     let cases = [
         (
-            AdminOp::CreateWorkspace {
+            ControlOp::CreateWorkspace {
                 workspace: ws("ws-a"),
             },
             RuleError::WorkspaceExists(ws("ws-a")),
         ),
         (
-            AdminOp::DeleteWorkspace {
+            ControlOp::DeleteWorkspace {
                 workspace: ws(PRIMARY),
             },
             RuleError::PrimaryWorkspace(ws(PRIMARY)),
         ),
         (
-            AdminOp::DeleteWorkspace {
+            ControlOp::DeleteWorkspace {
                 workspace: ws("ws-a"),
             },
             RuleError::LeasesOutstanding {
@@ -1045,7 +1045,7 @@ fn refused_admin_operations_leave_the_record_unchanged() {
             },
         ),
         (
-            AdminOp::Transfer {
+            ControlOp::Transfer {
                 from: ws(PRIMARY),
                 to: ws(PRIMARY),
                 amount: amt(1),
@@ -1053,7 +1053,7 @@ fn refused_admin_operations_leave_the_record_unchanged() {
             RuleError::SameWorkspace,
         ),
         (
-            AdminOp::Transfer {
+            ControlOp::Transfer {
                 from: ws(PRIMARY),
                 to: ws("ws-a"),
                 amount: amt(701),
@@ -1065,7 +1065,7 @@ fn refused_admin_operations_leave_the_record_unchanged() {
             },
         ),
         (
-            AdminOp::SetMode { mode: Mode::Shared },
+            ControlOp::SetMode { mode: Mode::Shared },
             RuleError::LeasesOutstanding {
                 workspace: ws("ws-a"),
                 leased: 100,
@@ -1089,7 +1089,7 @@ fn purchase_overflow_is_refused_and_changes_nothing() {
     let err = refused(&mut r, |r| r.purchase(amt(1)));
     assert_eq!(err, RuleError::Overflow);
     let err = refused(&mut r, |r| {
-        AdminOp::Purchase {
+        ControlOp::Purchase {
             amount: amt(AMOUNT_MAX),
         }
         .apply(r)

@@ -10,24 +10,8 @@ use tokio::time::Instant;
 
 use super::settle::Wants;
 use super::{Node, NodeError};
-use crate::cache::{Account, Debit};
+use crate::cache::{Account, AskStore, Decision, Spend};
 use crate::model::{Amount, Mode, WorkspaceId};
-
-/// The answer to a debit or reservation. A refusal is an answer, not an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    Allowed { remaining: u64 },
-    Insufficient { remaining: u64 },
-}
-
-/// The cache's answer as a decision; `None` when the store must be asked.
-fn decided(debit: Debit) -> Option<Decision> {
-    match debit {
-        Debit::Allowed { remaining } => Some(Decision::Allowed { remaining }),
-        Debit::Insufficient { remaining } => Some(Decision::Insufficient { remaining }),
-        Debit::AskStore => None,
-    }
-}
 
 /// A reservation made, or refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,13 +43,9 @@ impl Node {
     /// Takes `amount` from `org`/`ws`.
     pub async fn debit(&self, org: &str, ws: &str, amount: Amount) -> Result<Decision, NodeError> {
         // The hot path: in place in the cache, no lock, no allocation, no store call.
-        let decision = match self
-            .cache
-            .debit(org, ws, amount.get(), false)
-            .and_then(decided)
-        {
-            Some(decision) => decision,
-            None => self.take(org, ws, amount, false).await?.0,
+        let decision = match self.cache.debit(org, ws, amount.get(), Spend::Consume) {
+            Some(Ok(decision)) => decision,
+            Some(Err(AskStore)) | None => self.take(org, ws, amount, Spend::Consume).await?.0,
         };
         if let Decision::Allowed { .. } = decision {
             self.credits_debited.increment(amount.get());
@@ -127,7 +107,7 @@ impl Node {
         if self.reservations.len() >= self.options.reservations_max {
             return Err(self.reservations_full());
         }
-        let (decision, account) = self.take(org, ws, amount, true).await?;
+        let (decision, account) = self.take(org, ws, amount, Spend::Reserve).await?;
         let expires_in_ms = ttl.as_millis() as u64;
         if let Decision::Insufficient { .. } = decision {
             return Ok(Reserved {
@@ -201,7 +181,7 @@ impl Node {
     pub async fn balance(&self, org: &str, ws: &str) -> Result<(u64, Mode), NodeError> {
         let account = self.account(org, ws).await?;
         let slot = self.slot(org).await?;
-        Ok((account.pool.remaining(), slot.current().mode))
+        Ok((account.lease.remaining(), slot.current().mode))
     }
 
     /// The account, loading its org into the cache on first use.
@@ -221,14 +201,14 @@ impl Node {
         org: &str,
         ws: &str,
         amount: Amount,
-        reserve: bool,
+        spend: Spend,
     ) -> Result<(Decision, Arc<Account>), NodeError> {
         let account = self.account(org, ws).await?;
-        if let Some(decision) = decided(account.debit(amount.get(), reserve)) {
+        if let Ok(decision) = account.debit(amount.get(), spend) {
             return Ok((decision, account));
         }
         let wait = self.options.lease_wait_max;
-        let asked = tokio::time::timeout(wait, self.refill_and_take(org, ws, amount, reserve))
+        let asked = tokio::time::timeout(wait, self.refill_and_take(org, ws, amount, spend))
             .await
             .unwrap_or_else(|_| {
                 Err(NodeError::Unavailable(format!(
@@ -240,7 +220,7 @@ impl Node {
             // The store cannot be asked: the outage reserve answers while it lasts (these
             // credits are leased: spending them never overspends), then 503.
             Err(NodeError::Unavailable(why)) => {
-                match account.debit_from_reserve(amount.get(), reserve) {
+                match account.debit_from_outage_reserve(amount.get(), spend) {
                     Some(remaining) => {
                         metrics::counter!(crate::metrics::OUTAGE_DEBITS).increment(1);
                         tracing::debug!(org, ws, why, "debit from the outage reserve");
@@ -260,7 +240,7 @@ impl Node {
         org: &str,
         ws: &str,
         amount: Amount,
-        reserve: bool,
+        spend: Spend,
     ) -> Result<(Decision, Arc<Account>), NodeError> {
         let slot = self.slot(org).await?;
         // Another node is recalling this org's leases: wait until it is done (the caller's
@@ -268,17 +248,17 @@ impl Node {
         while slot.is_recalled() {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
-        let _admin = slot.admin.lock().await;
+        let _control = slot.control.lock().await;
         // A state the store no longer answers (the org changed): rebuild it first.
         if slot.is_stale() {
             self.reload(&slot).await?;
         }
         // The org may have been rebuilt while we waited: look the account up again.
         let mut account = self.account(org, ws).await?;
-        if let Some(decision) = decided(account.debit(amount.get(), reserve)) {
+        if let Ok(decision) = account.debit(amount.get(), spend) {
             return Ok((decision, account));
         }
-        let wants = |a: &Account| Wants::One(a.pool.spender.clone(), amount.get());
+        let wants = |a: &Account| Wants::One(a.lease.spender.clone(), amount.get());
         self.settle_slots(&[Arc::clone(&slot)], wants(&account))
             .await?;
         // The answer may show a change this node had not seen: rebuild and ask again.
@@ -288,31 +268,31 @@ impl Node {
             self.settle_slots(&[Arc::clone(&slot)], wants(&account))
                 .await?;
         }
-        let mut debit = account.debit(amount.get(), reserve);
+        let mut debit = account.debit(amount.get(), spend);
         // Still short, but other nodes hold leases of this spender: ask them to give them back
         // and try again until they do (the caller's lease wait bounds this).
-        if debit == Debit::AskStore && account.pool.others() > 0 {
+        if debit == Err(AskStore) && account.lease.others() > 0 {
             let recall = self.announce_recall(&slot, None).await;
-            while debit == Debit::AskStore && account.pool.others() > 0 && !slot.is_stale() {
+            while debit == Err(AskStore) && account.lease.others() > 0 && !slot.is_stale() {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 self.repeat_recall(&recall, None).await;
                 self.settle_slots(&[Arc::clone(&slot)], wants(&account))
                     .await?;
-                debit = account.debit(amount.get(), reserve);
+                debit = account.debit(amount.get(), spend);
             }
             self.announce_resume(&recall).await;
             // A change arrived meanwhile: ask once more under the new view.
-            if debit == Debit::AskStore && slot.is_stale() {
+            if debit == Err(AskStore) && slot.is_stale() {
                 self.reload(&slot).await?;
                 account = self.account(org, ws).await?;
                 self.settle_slots(&[Arc::clone(&slot)], wants(&account))
                     .await?;
-                debit = account.debit(amount.get(), reserve);
+                debit = account.debit(amount.get(), spend);
             }
         }
         // What the store could not cover after asking is refused.
-        let decision = decided(debit).unwrap_or(Decision::Insufficient {
-            remaining: account.pool.remaining(),
+        let decision = debit.unwrap_or(Decision::Insufficient {
+            remaining: account.lease.remaining(),
         });
         Ok((decision, account))
     }

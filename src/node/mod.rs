@@ -1,18 +1,20 @@
 //! The node: what sits between the API and the store. It owns the cache, loads orgs into it,
 //! runs the settler that reports usage and tops leases up, and applies control-plane changes
-//! with the recall protocol of DESIGN.md.
+//! with the recall protocol of docs/design.md.
 //!
 //! Locks per org, never held on the hot path:
-//! - `admin` (tokio mutex) serializes control-plane changes and lease refills of one org, so
+//! - `control` (tokio mutex) serializes control-plane changes and lease refills of one org, so
 //!   that a refill never takes credits an operation is about to move.
 //! - `settle` (tokio mutex) serializes the org's settle stream, so that batches reach the store
 //!   in sequence order; it holds the batch the store has not acknowledged yet.
 //!
-//! Lock order: `admin` before `settle`.
+//! Lock order: `control` before `settle`.
 
-mod admin;
+mod control;
 mod data;
+mod lease;
 mod settle;
+mod settler;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,14 +23,15 @@ use std::time::Duration;
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
 
-use crate::cache::{Account, Cache, Pool};
+use crate::cache::{Account, Cache, Lease};
 use crate::model::{Mode, NodeId, OrgId, OrgRecord, RuleError, SettleBatch, WorkspaceId};
 use crate::store::{Store, StoreError};
 
-pub use data::{Decision, Reserved};
+pub use crate::cache::Decision;
+pub use data::Reserved;
 
 /// Longest a control-plane call waits for the org's other control-plane calls.
-pub const ADMIN_WAIT_MAX: Duration = Duration::from_secs(30);
+pub const CONTROL_WAIT_MAX: Duration = Duration::from_secs(30);
 
 /// How many times a control-plane call recalls leases before giving up: leases can only come
 /// back from debits that were already past their check when the recall began.
@@ -78,7 +81,7 @@ pub struct NodeOptions {
     pub settle_batch_orgs_max: usize,
     /// Longest a control-plane change waits for other nodes to give leases back.
     pub recall_wait_max: Duration,
-    /// Credits per pool kept leased aside for store outages.
+    /// Credits per lease kept leased aside for store outages.
     pub outage_reserve: u64,
     /// An org with nothing to report is still settled this often: the node's heartbeat, so
     /// that its leases do not expire while it lives.
@@ -175,45 +178,45 @@ pub(crate) struct OrgState {
     /// store answers another version rebuilds.
     pub version: u64,
     pub accounts: Vec<Arc<Account>>,
-    pub pools: Vec<Arc<Pool>>,
+    pub leases: Vec<Arc<Lease>>,
 }
 
 impl OrgState {
-    /// The state of `record`; with `lapsed`, its pools start outside their lease term (a
+    /// The state of `record`; with `lapsed`, its leases start outside their lease term (a
     /// settle must answer before they are spent).
     fn build(record: &OrgRecord, lapsed: bool) -> OrgState {
-        let mut pools: Vec<Arc<Pool>> = Vec::new();
-        let primary_pool = Arc::new(Pool::new(record.primary.clone()));
-        pools.push(Arc::clone(&primary_pool));
+        let mut leases: Vec<Arc<Lease>> = Vec::new();
+        let primary_lease = Arc::new(Lease::new(record.primary.clone()));
+        leases.push(Arc::clone(&primary_lease));
         let accounts = record
             .workspaces
             .keys()
             .map(|ws| {
-                let pool = if record.mode == Mode::Shared || *ws == record.primary {
-                    Arc::clone(&primary_pool)
+                let lease = if record.mode == Mode::Shared || *ws == record.primary {
+                    Arc::clone(&primary_lease)
                 } else {
-                    let pool = Arc::new(Pool::new(ws.clone()));
-                    pools.push(Arc::clone(&pool));
-                    pool
+                    let lease = Arc::new(Lease::new(ws.clone()));
+                    leases.push(Arc::clone(&lease));
+                    lease
                 };
-                Arc::new(Account::new(record.org.clone(), ws.clone(), pool))
+                Arc::new(Account::new(record.org.clone(), ws.clone(), lease))
             })
             .collect();
         if lapsed {
-            for pool in &pools {
-                pool.set_valid_until(0);
+            for lease in &leases {
+                lease.set_valid_until(0);
             }
         }
         OrgState {
             mode: record.mode,
             version: record.version,
             accounts,
-            pools,
+            leases,
         }
     }
 
-    pub fn pool(&self, spender: &WorkspaceId) -> Option<&Arc<Pool>> {
-        self.pools.iter().find(|p| p.spender == *spender)
+    pub fn lease(&self, spender: &WorkspaceId) -> Option<&Arc<Lease>> {
+        self.leases.iter().find(|p| p.spender == *spender)
     }
 }
 
@@ -256,7 +259,7 @@ pub(crate) struct OrgSlot {
     pub state: RwLock<Arc<OrgState>>,
     /// States replaced by a rebuild, kept until nothing points at them and they are drained.
     pub retired: Mutex<Vec<Arc<OrgState>>>,
-    pub admin: tokio::sync::Mutex<()>,
+    pub control: tokio::sync::Mutex<()>,
     pub settle: tokio::sync::Mutex<SettleStream>,
     /// The org version the store last answered (settle replies; newer ones from notices):
     /// different from the state's means the org changed (or the store lost writes), and the
@@ -469,7 +472,7 @@ impl Node {
             org: org_id.clone(),
             state: RwLock::new(state),
             retired: Mutex::new(Vec::new()),
-            admin: tokio::sync::Mutex::new(()),
+            control: tokio::sync::Mutex::new(()),
             settle: tokio::sync::Mutex::new(SettleStream::default()),
             seen_version: AtomicU64::new(record.version),
             notified_version: AtomicU64::new(0),
@@ -477,9 +480,9 @@ impl Node {
             pauses: Mutex::new(Vec::new()),
             pending_usage: AtomicU64::new(0),
         });
-        // Nobody else can hold the new slot's admin lock yet: take it, so that debits arriving
+        // Nobody else can hold the new slot's control lock yet: take it, so that debits arriving
         // before the first lease wait for it instead of asking the store themselves.
-        let admin = slot.admin.lock().await;
+        let control = slot.control.lock().await;
         self.orgs.insert(org_id, Arc::clone(&slot));
         drop(loading);
         // Take the first leases now, so that the first debits decide from memory. A failure
@@ -490,7 +493,7 @@ impl Node {
         {
             tracing::warn!(org, error = %e, "first lease failed");
         }
-        drop(admin);
+        drop(control);
         Ok(slot)
     }
 
@@ -507,9 +510,9 @@ impl Node {
         for account in &old.accounts {
             self.cache.remove(account);
         }
-        // Nothing spends from a retired pool any more: its lease goes back with the next batch.
-        for pool in &old.pools {
-            pool.set_valid_until(0);
+        // Nothing spends from a retired lease any more: its lease goes back with the next batch.
+        for lease in &old.leases {
+            lease.set_valid_until(0);
         }
         // The record just read is the freshest word on the org's version, even if lower (a
         // store that forgot writes).
@@ -524,7 +527,7 @@ impl Node {
 }
 
 impl Node {
-    /// One line on how this node holds an org (its view's version, pauses, each pool's lease,
+    /// One line on how this node holds an org (its view's version, pauses, each lease's lease,
     /// what the store had left, other nodes' leases, the lease term): for diagnostics.
     pub fn describe_org(&self, org: &str) -> String {
         let Some(slot) = self.orgs.get(org).map(|s| Arc::clone(s.value())) else {
@@ -532,16 +535,16 @@ impl Node {
         };
         let state = slot.current();
         let mut out = format!(
-            "version {} seen {} recalled {} pools:",
+            "version {} seen {} recalled {} leases:",
             state.version,
             slot.seen_version.load(Ordering::Acquire),
             slot.is_recalled()
         );
-        for p in &state.pools {
+        for p in &state.leases {
             out += &format!(
                 " [{} lease {} left {} others {} term {}]",
                 p.spender,
-                p.lease(),
+                p.credits(),
                 p.store_left(),
                 p.others(),
                 p.in_term()

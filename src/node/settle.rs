@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{LeasePolicy, Node, NodeError, OrgSlot, OrgState, SettleStream, LEASE_MIN};
+use super::{Node, NodeError, OrgSlot, OrgState, SettleStream};
 use crate::cache::{clock_ms, STORE_LEFT_UNKNOWN};
 use crate::metrics as m;
-use crate::model::{OrgId, OrgRecord, SettleBatch, SettleReply, WorkspaceId};
+use crate::model::{OrgId, OrgRecord, SettleBatch, SettleReply, UsageLine, WorkspaceId};
 
 /// What a settle asks of the store besides reporting usage.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,79 +49,72 @@ impl Node {
     }
 
     /// One settle round over orgs whose streams the caller holds.
-    async fn settle_locked(
+    pub(super) async fn settle_locked(
         &self,
         slots: &[Arc<OrgSlot>],
         streams: &mut [&mut SettleStream],
         wants: &Wants,
     ) -> Result<(), NodeError> {
         let mut first_error = None;
-        // Batches the store has not acknowledged go first, unchanged.
-        let pending: Vec<usize> = (0..slots.len())
-            .filter(|&i| streams[i].pending.is_some())
+        // Batches the store has not acknowledged go first, unchanged; an org whose batch is
+        // still unacknowledged after that sends nothing new this round.
+        let pending: Vec<(usize, SettleBatch)> = (0..slots.len())
+            .filter_map(|i| streams[i].pending.clone().map(|b| (i, b)))
             .collect();
         let mut blocked = vec![false; slots.len()];
-        if !pending.is_empty() {
-            let batches: Vec<(OrgId, SettleBatch)> = pending
-                .iter()
-                .filter_map(|&i| {
-                    streams[i]
-                        .pending
-                        .clone()
-                        .map(|b| (slots[i].org.clone(), b))
-                })
-                .collect();
-            let sent_ms = clock_ms();
-            for (k, result) in self.send(&batches).await.into_iter().enumerate() {
-                let i = pending[k];
-                match result {
-                    Ok((reply, record)) => {
-                        set_pending(&slots[i], streams[i], None);
-                        self.apply_reply(&slots[i], streams[i], &reply, &record, sent_ms);
-                    }
-                    Err(e) => {
-                        blocked[i] = true;
-                        drop_if_refused(&slots[i], streams[i], &e);
-                        first_error.get_or_insert(e);
-                    }
-                }
-            }
+        for (i, e) in self.send_and_apply(slots, streams, pending).await {
+            blocked[i] = true;
+            first_error.get_or_insert(e);
         }
         let mut fresh = Vec::new();
         for (i, slot) in slots.iter().enumerate() {
             if blocked[i] {
                 continue;
             }
-            let Some(batch) = self.build_batch(slot, streams[i], wants) else {
-                continue;
-            };
-            set_pending(slot, streams[i], Some(batch.clone()));
-            fresh.push((i, (slot.org.clone(), batch)));
-        }
-        if !fresh.is_empty() {
-            let batches: Vec<(OrgId, SettleBatch)> = fresh.iter().map(|(_, b)| b.clone()).collect();
-            let sent_ms = clock_ms();
-            for (k, result) in self.send(&batches).await.into_iter().enumerate() {
-                let i = fresh[k].0;
-                match result {
-                    Ok((reply, record)) => {
-                        set_pending(&slots[i], streams[i], None);
-                        self.apply_reply(&slots[i], streams[i], &reply, &record, sent_ms);
-                    }
-                    Err(e) => {
-                        drop_if_refused(&slots[i], streams[i], &e);
-                        first_error.get_or_insert(e);
-                    }
-                }
+            if let Some(batch) = self.build_batch(slot, streams[i], wants) {
+                set_pending(slot, streams[i], Some(batch.clone()));
+                fresh.push((i, batch));
             }
+        }
+        for (_, e) in self.send_and_apply(slots, streams, fresh).await {
+            first_error.get_or_insert(e);
         }
         for slot in slots {
             drop_drained_retired(slot);
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(()),
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Sends `batches` (each with its slot's index) in one store call and takes in each
+    /// answer; returns the failures.
+    async fn send_and_apply(
+        &self,
+        slots: &[Arc<OrgSlot>],
+        streams: &mut [&mut SettleStream],
+        batches: Vec<(usize, SettleBatch)>,
+    ) -> Vec<(usize, NodeError)> {
+        if batches.is_empty() {
+            return Vec::new();
         }
+        let (indices, calls): (Vec<usize>, Vec<(OrgId, SettleBatch)>) = batches
+            .into_iter()
+            .map(|(i, b)| (i, (slots[i].org.clone(), b)))
+            .unzip();
+        let sent_ms = clock_ms();
+        let mut failed = Vec::new();
+        for (i, result) in indices.into_iter().zip(self.send(&calls).await) {
+            match result {
+                Ok((reply, record)) => {
+                    set_pending(&slots[i], streams[i], None);
+                    self.apply_reply(&slots[i], streams[i], &reply, &record, sent_ms);
+                }
+                Err(e) => {
+                    drop_if_refused(&slots[i], streams[i], &e);
+                    failed.push((i, e));
+                }
+            }
+        }
+        failed
     }
 
     /// One store call for many batches, with its metrics.
@@ -159,94 +152,32 @@ impl Node {
     ) -> Option<SettleBatch> {
         let state = slot.current();
         let retired: Vec<Arc<OrgState>> = slot.retired.lock().clone();
-        let mut lines = Vec::new();
+        let lines: Vec<UsageLine> = retired
+            .iter()
+            .chain(std::iter::once(&state))
+            .flat_map(|s| s.accounts.iter().filter_map(|a| a.collect()))
+            .collect();
+        // One release per spender (the store bounds a batch's entries).
         let mut release = Vec::new();
-        for s in retired.iter().chain(std::iter::once(&state)) {
-            lines.extend(s.accounts.iter().filter_map(|a| a.collect()));
-        }
         // What reservations did not charge goes back to the store, not into the lease
         // (`Account::finish_reservation`): each line's release moves it from the reservation
         // to the lease, and this from the lease to the spender's balance.
-        for line in lines.iter().filter(|l| l.released > 0) {
-            match release.iter_mut().find(|(s, _)| *s == line.spender) {
-                Some((_, n)) => *n += line.released,
-                None => release.push((line.spender.clone(), line.released)),
-            }
+        for line in &lines {
+            add_release(&mut release, &line.spender, line.released);
         }
-        // Retired pools give everything back: nothing spends from them any more.
-        for s in &retired {
-            for pool in &s.pools {
-                let r = pool.drain();
-                if r > 0 {
-                    release.push((pool.spender.clone(), r));
-                }
-            }
+        // Retired leases give everything back: nothing spends from them any more.
+        for lease in retired.iter().flat_map(|s| &s.leases) {
+            add_release(&mut release, &lease.spender, lease.drain());
         }
-        let recalled = slot.is_recalled();
-        let mut want = Vec::new();
-        match wants {
-            Wants::None => {}
-            Wants::All if recalled => {}
-            Wants::All => {
-                for pool in &state.pools {
-                    if pool.store_left() == 0 {
-                        continue;
-                    }
-                    let target = self.lease_target(pool);
-                    let short_reserve = self.options.outage_reserve.saturating_sub(pool.reserve());
-                    // Refill ahead: top up below half the target, before the lease runs out;
-                    // and fill the outage reserve.
-                    if pool.lease() < target / 2 + 1 || short_reserve > 0 {
-                        let wanted = target
-                            .saturating_sub(pool.lease())
-                            .saturating_add(short_reserve);
-                        want.push((pool.spender.clone(), wanted.max(1)));
-                    }
-                }
-            }
-            Wants::One(spender, at_least) => {
-                if let Some(pool) = state.pool(spender) {
-                    let target = if recalled { 0 } else { self.lease_target(pool) };
-                    want.push((pool.spender.clone(), target.max(*at_least)));
-                }
-            }
-            Wants::Recall => {
-                for pool in &state.pools {
-                    // Unknown first: a debit that finds the lease gone must ask the store (and
-                    // wait for this change), not conclude the spender is exhausted.
-                    pool.set_store_left(STORE_LEFT_UNKNOWN);
-                    let r = pool.drain();
-                    if r > 0 {
-                        release.push((pool.spender.clone(), r));
-                    }
-                }
-            }
-        }
+        let want = self.wanted(&state, wants, slot.is_recalled(), &mut release);
         let now = Instant::now();
         let elapsed = now.duration_since(stream.last_batch);
         let heartbeat_due = elapsed >= self.options.heartbeat_interval;
         if lines.is_empty() && release.is_empty() && want.is_empty() && !heartbeat_due {
             return None;
         }
-        // Spending rates, for lease sizes: what each pool paid for since the last batch.
-        for pool in &state.pools {
-            let spent: u64 = lines
-                .iter()
-                .filter(|l| l.spender == pool.spender)
-                .map(|l| l.consumed.saturating_add(l.reserved))
-                .sum();
-            pool.observe_spending(spent, elapsed);
-        }
+        observe_rates(&state, &lines, elapsed);
         stream.last_batch = now;
-        // One release per spender (the store bounds a batch's entries).
-        let mut merged: Vec<(WorkspaceId, u64)> = Vec::with_capacity(release.len());
-        for (spender, n) in release {
-            match merged.iter_mut().find(|(s, _)| *s == spender) {
-                Some((_, m)) => *m = m.saturating_add(n),
-                None => merged.push((spender, n)),
-            }
-        }
-        let release = merged;
         Some(SettleBatch {
             node: self.node_id.clone(),
             epoch: self.epoch(),
@@ -256,26 +187,6 @@ impl Node {
             release,
             want,
         })
-    }
-
-    /// The lease a pool should hold ahead of need.
-    fn lease_target(&self, pool: &crate::cache::Pool) -> u64 {
-        match self.options.lease_policy {
-            LeasePolicy::Whole => u64::MAX,
-            LeasePolicy::Adaptive {
-                horizon,
-                share_max_percent,
-            } => {
-                let by_rate = (pool.rate_per_s() as f64 * horizon.as_secs_f64()).ceil() as u64;
-                let left = pool.store_left();
-                let cap = if left == STORE_LEFT_UNKNOWN {
-                    u64::MAX
-                } else {
-                    (left as u128 * share_max_percent as u128 / 100).max(1) as u64
-                };
-                by_rate.max(LEASE_MIN).min(cap)
-            }
-        }
     }
 
     /// Takes in the store's answer to a batch sent at `sent_ms` ([`clock_ms`]): what the store
@@ -319,71 +230,9 @@ impl Node {
             self.forfeit(slot);
         }
         let state = slot.current();
-        for (spender, granted) in &reply.grants {
-            match state.pool(spender) {
-                Some(pool) => pool.give(*granted),
-                None => {
-                    // The org was rebuilt while the grant was on its way: park it in a retired
-                    // pool, whose lease the next batch gives back.
-                    let retired = slot.retired.lock();
-                    match retired.iter().rev().find_map(|s| s.pool(spender)) {
-                        Some(pool) => pool.give(*granted),
-                        None => {
-                            tracing::error!(org = %slot.org, %spender, granted, "grant for no pool")
-                        }
-                    }
-                }
-            }
-        }
-        // The lease term: renewed by an applied batch (the store took it as this node's
-        // heartbeat, at or after `sent_ms`) for the state's own version. A retry's answer
-        // says nothing of when the store last heard from the node.
-        if let Some(term) = self.options.lease_term {
-            if record.version != state.version {
-                // The org changed under this state: nothing more is spent from it until it is
-                // rebuilt (a debit that finds its term over asks the store, which rebuilds).
-                for pool in &state.pools {
-                    pool.set_valid_until(0);
-                }
-            } else if reply.applied {
-                let until = sent_ms.saturating_add(term.as_millis() as u64);
-                for pool in &state.pools {
-                    pool.set_valid_until(until);
-                }
-            }
-        }
-        // The outage reserve is filled first from what was granted (and from the lease).
-        if self.options.outage_reserve > 0 {
-            for pool in &state.pools {
-                pool.fill_reserve(self.options.outage_reserve);
-            }
-        }
-        // Other nodes' leases count only while those nodes live: a recall cannot bring back
-        // what a dead node holds (its leases expire after lease_ttl, as consumed).
-        let now_ms = record.nodes.get(&self.node_id).map_or(0, |n| n.seen_ms);
-        let alive_ms = 2 * self.options.heartbeat_interval.as_millis() as u64;
-        let others = |spender: &WorkspaceId| -> u64 {
-            record
-                .nodes
-                .iter()
-                .filter(|(id, n)| {
-                    **id != self.node_id && now_ms.saturating_sub(n.seen_ms) <= alive_ms
-                })
-                .filter_map(|(_, n)| n.leases.get(spender))
-                .sum()
-        };
-        for pool in &state.pools {
-            let left = if record.spender_of(&pool.spender) == Some(&pool.spender) {
-                record
-                    .workspaces
-                    .get(&pool.spender)
-                    .map_or(0, |w| w.balance)
-            } else {
-                0
-            };
-            pool.set_others(others(&pool.spender));
-            pool.set_store_left(left);
-        }
+        self.take_grants(slot, &state, &reply.grants);
+        self.renew_term(&state, record, reply.applied, sent_ms);
+        self.note_store(&state, record);
         // Another version means the org changed (or the store forgot a change): rebuild. The
         // store's answer also outranks notices of versions it no longer has.
         slot.seen_version.store(record.version, Ordering::Release);
@@ -398,185 +247,14 @@ impl Node {
         let retired = slot.retired.lock().clone();
         let mut dropped = 0u64;
         for s in retired.iter().chain(std::iter::once(&state)) {
-            for pool in &s.pools {
-                pool.set_store_left(STORE_LEFT_UNKNOWN);
-                dropped = dropped.saturating_add(pool.drain());
+            for lease in &s.leases {
+                lease.set_store_left(STORE_LEFT_UNKNOWN);
+                dropped = dropped.saturating_add(lease.drain());
             }
         }
         let reservations = self.drop_reservations_of(&slot.org);
         metrics::counter!(m::LEASES_FORFEITED).increment(dropped);
         tracing::warn!(org = %slot.org, credits = dropped, reservations, "leases forfeited");
-    }
-
-    /// Starts a new life after the store forgot acknowledged writes: a new epoch (the store's
-    /// next batch of each org closes what it records of the old life as consumed), and every
-    /// org's memory of the old life dropped: leases, reservations, unsent usage (the store
-    /// forgot part of it; the close counts the rest).
-    async fn start_new_life(&self) -> Result<(), NodeError> {
-        m::store_call("start_node");
-        let start = self.store.start_node(&self.node_id).await?;
-        let slots: Vec<Arc<OrgSlot>> = self.orgs.iter().map(|e| Arc::clone(e.value())).collect();
-        let mut streams = Vec::with_capacity(slots.len());
-        for slot in &slots {
-            streams.push(slot.settle.lock().await);
-        }
-        for (slot, stream) in slots.iter().zip(streams.iter_mut()) {
-            set_pending(slot, stream, None);
-            stream.acked_seq = 0;
-            self.forfeit(slot);
-            let state = slot.current();
-            let retired = slot.retired.lock().clone();
-            for s in retired.iter().chain(std::iter::once(&state)) {
-                for account in &s.accounts {
-                    let _ = account.collect();
-                }
-            }
-        }
-        self.epoch.store(start.epoch, Ordering::Release);
-        self.life_lost.store(false, Ordering::Release);
-        tracing::warn!(epoch = start.epoch, "new life started");
-        Ok(())
-    }
-
-    /// One settler round over every org: usage, top-ups, expired reservations, gauges.
-    pub async fn tick(&self) {
-        self.expire_reservations();
-        self.expire_idempotency();
-        if self.life_lost.load(Ordering::Acquire) {
-            if let Err(e) = self.start_new_life().await {
-                tracing::warn!(error = %e, "starting a new life failed; retried next round");
-                return;
-            }
-        }
-        let slots: Vec<Arc<OrgSlot>> = self.orgs.iter().map(|e| Arc::clone(e.value())).collect();
-        for slot in slots.iter().filter(|s| s.is_stale()) {
-            if let Ok(_admin) = slot.admin.try_lock() {
-                if let Err(e) = self.reload(slot).await {
-                    tracing::warn!(org = %slot.org, error = %e, "reloading a changed org failed");
-                }
-            }
-        }
-        for chunk in slots.chunks(self.options.settle_batch_orgs_max) {
-            // An org busy with a control-plane change or a refill is settled next round.
-            let mut admin_guards = Vec::new();
-            let mut stream_guards = Vec::new();
-            let mut ready = Vec::new();
-            for slot in chunk {
-                let Ok(admin) = slot.admin.try_lock() else {
-                    continue;
-                };
-                let Ok(stream) = slot.settle.try_lock() else {
-                    continue;
-                };
-                admin_guards.push(admin);
-                stream_guards.push(stream);
-                ready.push(Arc::clone(slot));
-            }
-            let mut streams: Vec<&mut SettleStream> =
-                stream_guards.iter_mut().map(|g| &mut **g).collect();
-            if let Err(e) = self.settle_locked(&ready, &mut streams, &Wants::All).await {
-                tracing::debug!(error = %e, "settle round incomplete");
-            }
-        }
-        self.update_gauges();
-    }
-
-    /// Credits this node's accounts used that the store has not heard of yet: what a crash
-    /// right now would leave uncharged.
-    pub fn unsettled_credits(&self) -> u64 {
-        let mut unsettled = 0u64;
-        for slot in self.orgs.iter() {
-            let retired = slot.retired.lock().clone();
-            for state in retired.iter().chain(std::iter::once(&slot.current())) {
-                for account in &state.accounts {
-                    unsettled = unsettled.saturating_add(account.unsettled());
-                }
-            }
-            unsettled = unsettled.saturating_add(slot.pending_usage.load(Ordering::Acquire));
-        }
-        unsettled
-    }
-
-    fn update_gauges(&self) {
-        let (mut leased, mut blocked) = (0u64, 0u64);
-        for slot in self.orgs.iter() {
-            let state = slot.current();
-            for pool in &state.pools {
-                leased = leased
-                    .saturating_add(pool.lease())
-                    .saturating_add(pool.reserve());
-                blocked += pool.is_blocked() as u64;
-            }
-        }
-        let unsettled = self.unsettled_credits();
-        metrics::gauge!(m::LEASED_CREDITS).set(leased as f64);
-        metrics::gauge!(m::BLOCKED_SPENDERS).set(blocked as f64);
-        metrics::gauge!(m::UNSETTLED_CREDITS).set(unsettled as f64);
-        metrics::gauge!(m::RESERVATIONS_OPEN).set(self.reservations.len() as f64);
-    }
-
-    /// Runs the settler every `interval` until `shutdown` resolves.
-    pub async fn run_settler(
-        self: Arc<Self>,
-        interval: Duration,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) {
-        tokio::pin!(shutdown);
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut rounds: u64 = 0;
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => return,
-                _ = ticker.tick() => {}
-            }
-            self.tick().await;
-            rounds += 1;
-            // Forgetting old control-plane keys is housekeeping: once a minute at 1s rounds.
-            if rounds % 60 == 0 {
-                m::store_call("prune");
-                if let Err(e) = self.store.prune(crate::store::unix_ms()).await {
-                    tracing::warn!(error = %e, "pruning idempotency keys failed");
-                }
-            }
-        }
-    }
-
-    /// A clean stop: releases open reservations, gives every lease back with the last usage,
-    /// and tells the store the node stopped cleanly. Retries a failing store within `deadline`.
-    pub async fn stop(&self, deadline: Duration) -> Result<(), NodeError> {
-        self.set_unready();
-        self.release_all_reservations();
-        let slots: Vec<Arc<OrgSlot>> = self.orgs.iter().map(|e| Arc::clone(e.value())).collect();
-        let until = Instant::now() + deadline;
-        let mut first_error = None;
-        for chunk in slots.chunks(self.options.settle_batch_orgs_max) {
-            let mut admin_guards = Vec::new();
-            for slot in chunk {
-                admin_guards.push(slot.admin.lock().await);
-            }
-            loop {
-                // A second round picks up debits that were in flight during the first.
-                let mut result = self.settle_slots(chunk, Wants::Recall).await;
-                if result.is_ok() {
-                    result = self.settle_slots(chunk, Wants::Recall).await;
-                }
-                match result {
-                    Ok(()) => break,
-                    Err(e) if Instant::now() >= until => {
-                        first_error.get_or_insert(e);
-                        break;
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
-        m::store_call("stop_node");
-        self.store.stop_node(&self.node_id).await?;
-        Ok(())
     }
 }
 
@@ -599,8 +277,31 @@ fn drop_if_refused(slot: &OrgSlot, stream: &mut SettleStream, e: &NodeError) {
     }
 }
 
+/// Adds `n` credits given back for `spender` to `release`, one entry per spender.
+pub(super) fn add_release(release: &mut Vec<(WorkspaceId, u64)>, spender: &WorkspaceId, n: u64) {
+    if n == 0 {
+        return;
+    }
+    match release.iter_mut().find(|(s, _)| s == spender) {
+        Some((_, m)) => *m = m.saturating_add(n),
+        None => release.push((spender.clone(), n)),
+    }
+}
+
+/// Spending rates, for lease sizes: what each lease paid for since the last batch.
+fn observe_rates(state: &OrgState, lines: &[UsageLine], elapsed: Duration) {
+    for lease in &state.leases {
+        let spent: u64 = lines
+            .iter()
+            .filter(|l| l.spender == lease.spender)
+            .map(|l| l.consumed.saturating_add(l.reserved))
+            .sum();
+        lease.observe_spending(spent, elapsed);
+    }
+}
+
 /// Sets (or clears) the batch the store has not acknowledged, and the usage it carries.
-fn set_pending(slot: &OrgSlot, stream: &mut SettleStream, batch: Option<SettleBatch>) {
+pub(super) fn set_pending(slot: &OrgSlot, stream: &mut SettleStream, batch: Option<SettleBatch>) {
     let usage = batch.iter().flat_map(|b| &b.lines).fold(0u64, |n, l| {
         n.saturating_add(l.consumed).saturating_add(l.committed)
     });
@@ -612,8 +313,8 @@ fn set_pending(slot: &OrgSlot, stream: &mut SettleStream, batch: Option<SettleBa
 fn drop_drained_retired(slot: &OrgSlot) {
     slot.retired.lock().retain(|s| {
         let referenced = s.accounts.iter().any(|a| Arc::strong_count(a) > 1);
-        let busy =
-            s.accounts.iter().any(|a| a.has_unreported()) || s.pools.iter().any(|p| p.lease() > 0);
+        let busy = s.accounts.iter().any(|a| a.has_unreported())
+            || s.leases.iter().any(|p| p.credits() > 0);
         referenced || busy
     });
 }

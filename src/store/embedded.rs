@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use super::export::{KeyDump, OrgDump};
 use super::{
-    quiet, unix_ms, AdminOp, AdminOutcome, IdempotencyKey, LedgerEntry, LedgerPage, NodeStart,
+    quiet, unix_ms, ControlOp, ControlOutcome, IdempotencyKey, LedgerEntry, LedgerPage, NodeStart,
     Notice, Store, StoreError,
 };
 use crate::model::{
@@ -47,10 +47,6 @@ const LEDGER: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("ledger
 const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
 /// Node epochs (`epoch:<node>`) and clean-stop markers (`clean:<node>`).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-
-/// Notices kept for a slow receiver before it skips ahead (it loses nothing: settles carry the
-/// change epoch).
-const NOTICES_BUFFERED: usize = 1024;
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "creditd.redb";
@@ -89,7 +85,7 @@ struct StoredOrg {
 struct RememberedKey {
     fingerprint: String,
     at_ms: u64,
-    outcome: AdminOutcome,
+    outcome: ControlOutcome,
 }
 
 /// Whether the database can be used.
@@ -372,7 +368,7 @@ impl EmbeddedStore {
                 health: Mutex::new(Health::Ok),
                 orgs: Mutex::new(loaded.orgs),
                 idempotency_keys: Mutex::new(loaded.keys),
-                notices: tokio::sync::broadcast::channel(NOTICES_BUFFERED).0,
+                notices: tokio::sync::broadcast::channel(super::NOTICES_BUFFERED).0,
                 options,
             }),
         };
@@ -759,9 +755,9 @@ impl Store for EmbeddedStore {
     async fn apply(
         &self,
         org: &OrgId,
-        op: &AdminOp,
+        op: &ControlOp,
         key: Option<&IdempotencyKey>,
-    ) -> Result<AdminOutcome, StoreError> {
+    ) -> Result<ControlOutcome, StoreError> {
         let (org, op, key) = (org.clone(), op.clone(), key.cloned());
         self.blocking(move |inner| {
             let mut orgs = inner.orgs.lock();
@@ -774,7 +770,7 @@ impl Store for EmbeddedStore {
                     if remembered.fingerprint != k.fingerprint {
                         return Err(StoreError::IdempotencyMismatch(k.key.clone()));
                     }
-                    return Ok(AdminOutcome {
+                    return Ok(ControlOutcome {
                         replayed: true,
                         ..remembered.outcome
                     });
@@ -788,7 +784,7 @@ impl Store for EmbeddedStore {
             }
             let mut next = stored.clone();
             let (returned, events) = op.apply(&mut next.record)?;
-            let outcome = AdminOutcome {
+            let outcome = ControlOutcome {
                 view: next.record.view(),
                 returned,
                 replayed: false,
@@ -866,6 +862,7 @@ impl Store for EmbeddedStore {
         limit: usize,
     ) -> Result<LedgerPage, StoreError> {
         let org = org.clone();
+        let limit = limit.min(super::LEDGER_PAGE_MAX);
         self.blocking(move |inner| {
             if !inner.orgs.lock().contains_key(&org) {
                 return Err(StoreError::UnknownOrg(org));
@@ -999,7 +996,7 @@ impl Store for EmbeddedStore {
                             key: key.to_string(),
                             fingerprint: r.fingerprint,
                             expires_ms,
-                            outcome: AdminOutcome {
+                            outcome: ControlOutcome {
                                 replayed: false,
                                 ..r.outcome
                             },

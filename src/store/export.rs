@@ -30,7 +30,7 @@ use std::io::{BufRead, Write};
 
 use serde::{Deserialize, Serialize};
 
-use super::{unix_ms, AdminOutcome, LedgerEntry, Store, StoreError};
+use super::{unix_ms, ControlOutcome, LedgerEntry, Store, StoreError};
 use crate::model::{OrgId, OrgRecord, PriorLife};
 
 /// Version of the export format in its header line.
@@ -48,7 +48,7 @@ pub struct KeyDump {
     /// When the store forgets the key (ms since the Unix epoch).
     pub expires_ms: u64,
     /// What a retry with the key answers.
-    pub outcome: AdminOutcome,
+    pub outcome: ControlOutcome,
 }
 
 /// Everything a store holds about one org, read at one instant.

@@ -4,7 +4,7 @@
 //! - [`redis`]: many nodes sharing one Redis or Redis Cluster; every change is one Lua script.
 //!
 //! The store is never called per request. The node calls it for control-plane operations and,
-//! from its settler, once per org per batch to report usage and take leases (DESIGN.md).
+//! from its settler, once per org per batch to report usage and take leases (docs/design.md).
 //!
 //! [`export`] reads and writes every org as JSON lines (backups, moving between stores)
 //! through three methods of the trait: [`Store::list_orgs`], [`Store::export_org`] and
@@ -26,7 +26,7 @@ use crate::model::{
 /// A control-plane change to one org. Each is applied atomically and durably.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-pub enum AdminOp {
+pub enum ControlOp {
     Purchase {
         amount: Amount,
     },
@@ -46,33 +46,33 @@ pub enum AdminOp {
     },
 }
 
-impl AdminOp {
+impl ControlOp {
     /// Bounded label for metrics and logs.
     pub fn name(&self) -> &'static str {
         match self {
-            AdminOp::Purchase { .. } => "purchase",
-            AdminOp::CreateWorkspace { .. } => "create_workspace",
-            AdminOp::DeleteWorkspace { .. } => "delete_workspace",
-            AdminOp::Transfer { .. } => "transfer",
-            AdminOp::SetMode { .. } => "set_mode",
+            ControlOp::Purchase { .. } => "purchase",
+            ControlOp::CreateWorkspace { .. } => "create_workspace",
+            ControlOp::DeleteWorkspace { .. } => "delete_workspace",
+            ControlOp::Transfer { .. } => "transfer",
+            ControlOp::SetMode { .. } => "set_mode",
         }
     }
 
     /// Applies the op to a record (on success the record is the new state).
     pub fn apply(&self, record: &mut OrgRecord) -> Result<(u64, Vec<LedgerEvent>), RuleError> {
         match self {
-            AdminOp::Purchase { amount } => Ok((0, vec![record.purchase(*amount)?])),
-            AdminOp::CreateWorkspace { workspace } => {
+            ControlOp::Purchase { amount } => Ok((0, vec![record.purchase(*amount)?])),
+            ControlOp::CreateWorkspace { workspace } => {
                 Ok((0, vec![record.create_workspace(workspace.clone())?]))
             }
-            AdminOp::DeleteWorkspace { workspace } => {
+            ControlOp::DeleteWorkspace { workspace } => {
                 let (returned, event) = record.delete_workspace(workspace)?;
                 Ok((returned, vec![event]))
             }
-            AdminOp::Transfer { from, to, amount } => {
+            ControlOp::Transfer { from, to, amount } => {
                 Ok((0, vec![record.transfer(from, to, *amount)?]))
             }
-            AdminOp::SetMode { mode } => Ok((0, record.set_mode(*mode)?)),
+            ControlOp::SetMode { mode } => Ok((0, record.set_mode(*mode)?)),
         }
     }
 }
@@ -90,7 +90,7 @@ pub struct IdempotencyKey {
 
 /// What an applied control-plane operation left behind.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AdminOutcome {
+pub struct ControlOutcome {
     /// The org after the operation.
     pub view: OrgView,
     /// Credits a deletion returned to the Primary (0 for other operations).
@@ -126,8 +126,16 @@ pub struct NodeStart {
     pub unclean: bool,
 }
 
+/// Notices kept for a slow receiver before it skips ahead (it loses nothing it cannot learn
+/// from the next settle).
+pub(crate) const NOTICES_BUFFERED: usize = 1024;
+
+/// Largest ledger page a store reads in one call (the most `ledger_page_max` may be); a caller
+/// asking for more gets this many and a cursor.
+pub(crate) const LEDGER_PAGE_MAX: usize = *crate::config::bounds::LEDGER_PAGE_MAX.end() as usize;
+
 /// A change announced to every node through the store (Redis pub/sub). Delivery is best effort:
-/// the change epoch returned on every settle is the guarantee, a notice only makes it faster.
+/// the org version returned on every settle is the guarantee, a notice only makes it faster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "notice", rename_all = "snake_case")]
 pub enum Notice {
@@ -205,9 +213,9 @@ pub trait Store: Send + Sync + 'static {
     async fn apply(
         &self,
         org: &OrgId,
-        op: &AdminOp,
+        op: &ControlOp,
         key: Option<&IdempotencyKey>,
-    ) -> Result<AdminOutcome, StoreError>;
+    ) -> Result<ControlOutcome, StoreError>;
 
     /// Applies settle batches, one per org; each is atomic on its own and answered in order.
     async fn settle(

@@ -1,6 +1,6 @@
 -- common.lua: helpers shared by every script of the Redis store. It is not run on its own:
--- each script is built as this file followed by the script's own file (`concat!` in
--- scripts.rs), so that every script is one self-contained EVAL. Each script's own header names
+-- each script is built as the model's constants (CAP, ID_BYTES_MAX: `constants()` in conn.rs),
+-- this file, then the script's own file, so that every script is one self-contained EVAL. Each script's own header names
 -- its KEYS, ARGV, reply and the invariant it keeps.
 --
 -- Conventions of every script:
@@ -24,7 +24,6 @@ if redis.replicate_commands then
   redis.replicate_commands()
 end
 
-local CAP = 9007199254740991
 -- Pairs of fields or items per HSET or RPUSH call: keeps unpack() far below Lua's C stack.
 local CHUNK = 500
 
@@ -59,7 +58,7 @@ local function sorted_keys(t)
 end
 
 local function is_id(s)
-  return type(s) == 'string' and #s >= 1 and #s <= 64 and string.match(s, '^[A-Za-z0-9%._:%-]+$') ~= nil
+  return type(s) == 'string' and #s >= 1 and #s <= ID_BYTES_MAX and string.match(s, '^[A-Za-z0-9%._:%-]+$') ~= nil
 end
 
 -- A stored counter: a whole number from 0 to CAP. Only the scripts write counters (with fmt),

@@ -28,31 +28,39 @@ impl Conn {
     }
 }
 
-/// A Lua script: its source (the common prelude followed by the script) and SHA1.
+/// A Lua script: its source (the constants, the common prelude, then the script) and SHA1.
 pub(super) struct LuaScript {
     /// Metric label of one EVALSHA of it (`redis_<script>`).
     op: &'static str,
-    source: &'static str,
+    source: String,
     sha: String,
 }
 
 macro_rules! lua {
     ($op:literal, $file:literal) => {
-        LuaScript::new(
-            $op,
-            concat!(include_str!("common.lua"), include_str!($file)),
-        )
+        LuaScript::new($op, include_str!($file))
     };
 }
 
 impl LuaScript {
-    fn new(op: &'static str, source: &'static str) -> Self {
+    fn new(op: &'static str, script: &str) -> Self {
+        let source = format!("{}{}{script}", constants(), include_str!("common.lua"));
         LuaScript {
             op,
+            sha: redis::Script::new(&source).get_hash().to_string(),
             source,
-            sha: redis::Script::new(source).get_hash().to_string(),
         }
     }
+}
+
+/// The model's bounds as Lua locals, so that the scripts enforce the same numbers without
+/// writing them a second time.
+fn constants() -> String {
+    format!(
+        "local CAP = {}\nlocal ID_BYTES_MAX = {}\n",
+        crate::model::CREDITS_MAX,
+        crate::model::ID_BYTES_MAX
+    )
 }
 
 /// Every script of the store (see each `.lua` file's header).
@@ -80,6 +88,23 @@ impl Scripts {
             import: lua!("redis_import_org", "import.lua"),
         }
     }
+}
+
+/// The SHA1 under which Redis caches the script with metric label `op` (`redis_settle`…), to
+/// look for it in `SCRIPT EXISTS`.
+pub fn script_sha(op: &str) -> Option<String> {
+    let scripts = Scripts::new();
+    [
+        scripts.create_org,
+        scripts.load,
+        scripts.ledger,
+        scripts.apply,
+        scripts.settle,
+        scripts.start_node,
+    ]
+    .into_iter()
+    .find(|s| s.op == op)
+    .map(|s| s.sha)
 }
 
 /// Why a call failed, before it becomes a [`StoreError`].
@@ -148,7 +173,7 @@ impl Redis {
             Err(Failure::Store(e)) => Err(e),
             Err(Failure::NoScript) => {
                 let mut cmd = redis::cmd("EVAL");
-                cmd.arg(script.source).arg(keys.len()).arg(keys).arg(args);
+                cmd.arg(&script.source).arg(keys.len()).arg(keys).arg(args);
                 self.call("redis_eval_reload", &cmd).await
             }
         }

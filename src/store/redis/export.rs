@@ -14,7 +14,7 @@ use super::reply::Tokens;
 use super::{org_keys, prefix, status, unexpected, RedisStore};
 use crate::model::{NodeId, NodeShare, OrgId, OrgRecord, WorkspaceRecord};
 use crate::store::export::{KeyDump, OrgDump};
-use crate::store::{AdminOutcome, LedgerEntry, StoreError};
+use crate::store::{ControlOutcome, LedgerEntry, StoreError};
 
 /// Keys asked per `SCAN` call.
 const SCAN_COUNT: usize = 1000;
@@ -82,7 +82,7 @@ fn state_tokens(record: &OrgRecord) -> Vec<String> {
 
 /// A record whose view is `outcome.view`: balances as the view shows them, what is held
 /// held by [`IMPORTED_HOLDER`] (from each workspace's own balance).
-fn record_of_view(outcome: &AdminOutcome) -> Result<OrgRecord, StoreError> {
+fn record_of_view(outcome: &ControlOutcome) -> Result<OrgRecord, StoreError> {
     let view = &outcome.view;
     let mut workspaces = BTreeMap::new();
     let mut held = BTreeMap::new();
@@ -278,7 +278,7 @@ impl RedisStore {
                 key: key.to_string(),
                 fingerprint,
                 expires_ms,
-                outcome: AdminOutcome {
+                outcome: ControlOutcome {
                     view: record.view(),
                     returned,
                     replayed: false,
@@ -368,7 +368,7 @@ mod tests {
         view.held = 70;
         view.used = 50;
         view.total_credits = 950;
-        let outcome = AdminOutcome {
+        let outcome = ControlOutcome {
             view: view.clone(),
             returned: 0,
             replayed: false,

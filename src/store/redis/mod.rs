@@ -70,94 +70,33 @@
 mod conn;
 mod export;
 mod notices;
+mod open;
 mod reply;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-use self::conn::{store_error, Conn, Redis, Scripts};
+pub use self::conn::script_sha;
+use self::conn::{Redis, Scripts};
+pub use self::open::{RedisOpenError, RedisOptions};
 use self::reply::{refusal, Tokens};
 use super::{
-    AdminOp, AdminOutcome, IdempotencyKey, LedgerEntry, LedgerPage, NodeStart, Notice, Store,
+    ControlOp, ControlOutcome, IdempotencyKey, LedgerEntry, LedgerPage, NodeStart, Notice, Store,
     StoreError,
 };
-use crate::config::Config;
 use crate::model::{Mode, NodeId, OrgId, OrgRecord, SettleBatch, SettleReply, WorkspaceId};
 
 /// Settle entries (lines, releases and wants) per workspace an org may have: a line per
 /// account of the current state and of a retired one, a release and a want per spender.
 const SETTLE_ENTRIES_PER_WORKSPACE: usize = 4;
 
-/// Largest ledger page read in one call; a caller asking for more gets this many and a cursor.
-const LEDGER_PAGE_MAX: usize = 100_000;
-
 /// How long the store remembers the outcome of a call that came without an idempotency key:
 /// longer than any re-send of the same command by the client (the cluster client re-sends
 /// after a lost connection or a response timeout, within a few call timeouts).
 const CALL_ID_TTL: Duration = Duration::from_secs(300);
-
-/// Reconnection attempts of the standalone connection per failure, and their longest delay;
-/// every call is bounded by `redis_call_timeout` anyway.
-const RECONNECT_RETRIES: usize = 3;
-const RECONNECT_DELAY_MAX_MS: u64 = 1_000;
-
-/// How a Redis store connects and what it enforces.
-#[derive(Debug, Clone)]
-pub struct RedisOptions {
-    /// One `redis://` URL (standalone), or a comma-separated list of seed URLs of a Redis
-    /// Cluster (one seed followed by a comma is a cluster too).
-    pub url: String,
-    /// A node that has not settled an org for this long loses its leases there.
-    pub lease_ttl: Duration,
-    /// Longest one Redis command may take; then its outcome is unknown.
-    pub call_timeout: Duration,
-    /// Refuse to open when `maxmemory-policy` is not `noeviction` (else warn).
-    pub require_noeviction: bool,
-    /// How long a control-plane idempotency key is remembered.
-    pub idempotency_ttl: Duration,
-    /// Idempotency keys remembered at most, per org.
-    pub idempotency_keys_max: usize,
-    /// Entries (lines, releases, wants) one settle batch may carry.
-    pub settle_entries_max: usize,
-}
-
-impl RedisOptions {
-    pub fn from_config(config: &Config) -> Self {
-        RedisOptions {
-            url: config.redis_url.clone(),
-            lease_ttl: config.lease_ttl,
-            call_timeout: config.redis_call_timeout,
-            require_noeviction: config.redis_require_noeviction,
-            idempotency_ttl: config.idempotency_ttl,
-            idempotency_keys_max: config.idempotency_keys_max,
-            settle_entries_max: config
-                .workspaces_max
-                .saturating_mul(SETTLE_ENTRIES_PER_WORKSPACE),
-        }
-    }
-}
-
-/// Why a Redis store could not be opened.
-#[derive(Debug, thiserror::Error)]
-pub enum RedisOpenError {
-    #[error("redis_url `{url}`: {why}")]
-    BadUrl { url: String, why: String },
-    #[error("cannot reach redis at {url}: {why}")]
-    Unreachable { url: String, why: String },
-    #[error(
-        "redis {node} has maxmemory-policy `{policy}`, so it may evict balances; set it to \
-         noeviction (or redis_require_noeviction = false to only warn)"
-    )]
-    Eviction { node: String, policy: String },
-    #[error(
-        "cannot check maxmemory-policy of redis: {0} (redis_require_noeviction = false only warns)"
-    )]
-    PolicyUnknown(String),
-}
 
 /// What makes one `apply` call apply once.
 enum Once<'a> {
@@ -247,142 +186,7 @@ fn unexpected(script: &str, status: &str) -> StoreError {
     StoreError::Corrupt(format!("unexpected status `{status}` from {script}"))
 }
 
-/// `maxmemory-policy` out of a `CONFIG GET` answer (RESP2 array or RESP3 map).
-fn policy_of(value: &redis::Value) -> Option<String> {
-    let map: HashMap<String, String> = redis::FromRedisValue::from_redis_value(value).ok()?;
-    map.get("maxmemory-policy").cloned()
-}
-
 impl RedisStore {
-    /// Connects, checks `maxmemory-policy`, and starts listening for notices.
-    pub async fn open(options: RedisOptions) -> Result<RedisStore, RedisOpenError> {
-        let urls: Vec<&str> = options
-            .url
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .collect();
-        let bad = |why: String| RedisOpenError::BadUrl {
-            url: options.url.clone(),
-            why,
-        };
-        if urls.is_empty() {
-            return Err(bad("no URL".into()));
-        }
-        let clients = urls
-            .iter()
-            .map(|u| redis::Client::open(*u).map_err(|e| bad(format!("{u}: {e}"))))
-            .collect::<Result<Vec<_>, _>>()?;
-        let timeout = options.call_timeout;
-        // A connection is tried a few times with backoff before opening fails.
-        let open_timeout = timeout * (RECONNECT_RETRIES as u32 + 1) + Duration::from_secs(1);
-        let unreachable = |why: String| RedisOpenError::Unreachable {
-            url: options.url.clone(),
-            why,
-        };
-        let conn = if options.url.contains(',') {
-            let client = redis::cluster::ClusterClient::builder(urls.clone())
-                .connection_timeout(timeout)
-                .response_timeout(timeout)
-                .build()
-                .map_err(|e| bad(e.to_string()))?;
-            crate::metrics::store_call("redis_connect");
-            let conn = tokio::time::timeout(open_timeout, client.get_async_connection())
-                .await
-                .map_err(|_| unreachable(format!("no answer within {open_timeout:?}")))?
-                .map_err(|e| unreachable(e.to_string()))?;
-            Conn::Cluster(conn)
-        } else {
-            let config = redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(timeout)
-                .set_response_timeout(timeout)
-                .set_number_of_retries(RECONNECT_RETRIES)
-                .set_max_delay(RECONNECT_DELAY_MAX_MS);
-            crate::metrics::store_call("redis_connect");
-            let conn = tokio::time::timeout(
-                open_timeout,
-                redis::aio::ConnectionManager::new_with_config(clients[0].clone(), config),
-            )
-            .await
-            .map_err(|_| unreachable(format!("no answer within {open_timeout:?}")))?
-            .map_err(|e| unreachable(e.to_string()))?;
-            Conn::Single(conn)
-        };
-        let redis = Redis {
-            conn,
-            call_timeout: timeout,
-        };
-        Self::check_eviction(&redis, options.require_noeviction).await?;
-        let (tx, _) = broadcast::channel(notices::NOTICES_BUFFERED);
-        let subscriber = tokio::spawn(notices::subscriber(clients, tx.clone(), timeout));
-        Ok(RedisStore {
-            inner: Arc::new(Inner {
-                redis,
-                scripts: Scripts::new(),
-                options,
-                notices: tx,
-                subscriber: subscriber.abort_handle(),
-            }),
-        })
-    }
-
-    /// Refuses (or warns about) a Redis that may evict keys: eviction would delete balances.
-    /// In a cluster every master is asked.
-    async fn check_eviction(redis: &Redis, require: bool) -> Result<(), RedisOpenError> {
-        let mut cmd = redis::cmd("CONFIG");
-        cmd.arg("GET").arg("maxmemory-policy");
-        let answers: Result<Vec<(String, Option<String>)>, StoreError> = match &redis.conn {
-            Conn::Single(_) => redis
-                .call::<redis::Value>("redis_config_get", &cmd)
-                .await
-                .map(|v| vec![("redis".to_string(), policy_of(&v))]),
-            Conn::Cluster(c) => {
-                use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
-                crate::metrics::store_call("redis_config_get");
-                let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
-                match tokio::time::timeout(
-                    redis.call_timeout,
-                    c.clone().route_command(&cmd, routing),
-                )
-                .await
-                {
-                    Err(_) => Err(StoreError::Unavailable("CONFIG GET timed out".into())),
-                    Ok(Err(e)) => Err(store_error("redis_config_get", &e)),
-                    Ok(Ok(redis::Value::Map(nodes))) => Ok(nodes
-                        .iter()
-                        .map(|(node, v)| {
-                            let node = redis::from_redis_value::<String>(node)
-                                .unwrap_or_else(|_| format!("{node:?}"));
-                            (node, policy_of(v))
-                        })
-                        .collect()),
-                    Ok(Ok(other)) => Ok(vec![("cluster".to_string(), policy_of(&other))]),
-                }
-            }
-        };
-        let problem = match answers {
-            Err(e) => Some(RedisOpenError::PolicyUnknown(e.to_string())),
-            Ok(answers) if answers.is_empty() => Some(RedisOpenError::PolicyUnknown(
-                "no master answered CONFIG GET".into(),
-            )),
-            Ok(answers) => answers.into_iter().find_map(|(node, policy)| match policy {
-                Some(p) if p == "noeviction" => None,
-                Some(policy) => Some(RedisOpenError::Eviction { node, policy }),
-                None => Some(RedisOpenError::PolicyUnknown(format!(
-                    "{node} did not answer maxmemory-policy"
-                ))),
-            }),
-        };
-        match problem {
-            None => Ok(()),
-            Some(e) if require => Err(e),
-            Some(e) => {
-                tracing::warn!(problem = %e, "redis may evict keys: balances could be lost");
-                Ok(())
-            }
-        }
-    }
-
     /// Publishes `notice` in the background after a change (best effort: a lost notice only
     /// delays other nodes until their next settle).
     fn announce_later(&self, notice: Notice) {
@@ -433,31 +237,31 @@ impl RedisStore {
     pub async fn apply_as_call(
         &self,
         org: &OrgId,
-        op: &AdminOp,
+        op: &ControlOp,
         call: &str,
-    ) -> Result<AdminOutcome, StoreError> {
+    ) -> Result<ControlOutcome, StoreError> {
         self.apply_once(org, op, Once::Call(call)).await
     }
 
     async fn apply_once(
         &self,
         org: &OrgId,
-        op: &AdminOp,
+        op: &ControlOp,
         once: Once<'_>,
-    ) -> Result<AdminOutcome, StoreError> {
+    ) -> Result<ControlOutcome, StoreError> {
         let mut keys = org_keys(org);
         keys.push(format!("{}idem", prefix(org)));
         let mut args = vec![org.to_string(), op.name().to_string()];
         match op {
-            AdminOp::Purchase { amount } => args.extend([amount.get().to_string(), "".into()]),
-            AdminOp::CreateWorkspace { workspace } | AdminOp::DeleteWorkspace { workspace } => {
+            ControlOp::Purchase { amount } => args.extend([amount.get().to_string(), "".into()]),
+            ControlOp::CreateWorkspace { workspace } | ControlOp::DeleteWorkspace { workspace } => {
                 args.extend([workspace.to_string(), "".into()])
             }
-            AdminOp::Transfer { from, to, amount } => {
+            ControlOp::Transfer { from, to, amount } => {
                 args.extend([from.to_string(), to.to_string()]);
                 args.push(amount.get().to_string());
             }
-            AdminOp::SetMode { mode } => args.extend([mode.as_str().to_string(), "".into()]),
+            ControlOp::SetMode { mode } => args.extend([mode.as_str().to_string(), "".into()]),
         }
         if args.len() == 4 {
             args.push(String::new());
@@ -494,7 +298,7 @@ impl RedisStore {
                     org: org.clone(),
                     version: record.version,
                 });
-                Ok(AdminOutcome {
+                Ok(ControlOutcome {
                     view: record.view(),
                     returned,
                     replayed: false,
@@ -506,7 +310,7 @@ impl RedisStore {
                 })?;
                 let state: Vec<String> = state.split(' ').map(str::to_string).collect();
                 let record = Tokens::new(&state, "remembered outcome").record(org)?;
-                Ok(AdminOutcome {
+                Ok(ControlOutcome {
                     view: record.view(),
                     returned,
                     // A re-sent call is the same call: only a caller's key replays.
@@ -681,9 +485,9 @@ impl Store for RedisStore {
     async fn apply(
         &self,
         org: &OrgId,
-        op: &AdminOp,
+        op: &ControlOp,
         key: Option<&IdempotencyKey>,
-    ) -> Result<AdminOutcome, StoreError> {
+    ) -> Result<ControlOutcome, StoreError> {
         match key {
             Some(key) => self.apply_once(org, op, Once::Key(key)).await,
             None => self.apply_once(org, op, Once::Call(&call_id())).await,
@@ -710,7 +514,7 @@ impl Store for RedisStore {
         after: u64,
         limit: usize,
     ) -> Result<LedgerPage, StoreError> {
-        let limit = limit.min(LEDGER_PAGE_MAX);
+        let limit = limit.min(super::LEDGER_PAGE_MAX);
         // Far beyond any ledger, and small enough for Lua and LRANGE to read exactly.
         let after = after.min(crate::model::CREDITS_MAX / 2);
         let keys = [

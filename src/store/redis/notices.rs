@@ -1,7 +1,7 @@
 //! Notices between nodes: PUBLISH on one channel, and a background task per store that keeps a
 //! subscription open (its own connection, reconnecting with bounded backoff) and feeds a
-//! broadcast channel. Delivery is best effort by design (DESIGN.md): a notice published while
-//! the subscription is down is lost, and the change epoch on every settle is the guarantee.
+//! broadcast channel. Delivery is best effort by design (docs/design.md): a notice published while
+//! the subscription is down is lost, and the org version on every settle is the guarantee.
 
 use std::time::Duration;
 
@@ -13,10 +13,6 @@ use crate::store::Notice;
 /// The channel every node publishes to and listens on. In a cluster, classic pub/sub reaches
 /// the subscribers of every node, so one subscription to any node hears every notice.
 pub(super) const CHANNEL: &str = "creditd:notices";
-
-/// Notices kept for a slow receiver before it skips ahead (it loses nothing it cannot learn
-/// from the next settle).
-pub(super) const NOTICES_BUFFERED: usize = 1024;
 
 /// First wait before reconnecting the subscription; doubled up to [`RECONNECT_DELAY_MAX`].
 const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(50);

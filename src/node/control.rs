@@ -2,7 +2,7 @@
 //! while the org's leases are out of the way.
 //!
 //! The protocol for an operation that moves credits (transfer, deletion, mode switch):
-//! 1. take the org's `admin` lock (refills of the org wait behind it);
+//! 1. take the org's `control` lock (refills of the org wait behind it);
 //! 2. recall: settle the org's usage and give every lease back, so the store holds the credits;
 //! 3. apply the operation in the store (it refuses with `LeasesOutstanding` if a debit that was
 //!    already past its check put usage in flight; then recall again and retry, bounded);
@@ -14,10 +14,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::settle::Wants;
-use super::{Node, NodeError, OrgSlot, Pause, ADMIN_WAIT_MAX, RECALL_ATTEMPTS_MAX, RECALL_REPEAT};
+use super::{
+    Node, NodeError, OrgSlot, Pause, CONTROL_WAIT_MAX, RECALL_ATTEMPTS_MAX, RECALL_REPEAT,
+};
 use crate::metrics as m;
 use crate::model::{Amount, Mode, OrgId, OrgRecord, OrgView, RuleError, WorkspaceId};
-use crate::store::{AdminOp, AdminOutcome, IdempotencyKey, LedgerPage, Notice, StoreError};
+use crate::store::{ControlOp, ControlOutcome, IdempotencyKey, LedgerPage, Notice, StoreError};
 
 impl Node {
     /// Creates an org with its Primary Workspace.
@@ -82,24 +84,24 @@ impl Node {
     }
 
     /// Applies a control-plane change with the recall protocol.
-    pub async fn admin(
+    pub async fn change(
         &self,
         org: &str,
-        op: AdminOp,
+        op: ControlOp,
         key: Option<IdempotencyKey>,
-    ) -> Result<AdminOutcome, NodeError> {
+    ) -> Result<ControlOutcome, NodeError> {
         let slot = self.slot(org).await?;
-        let _admin = tokio::time::timeout(ADMIN_WAIT_MAX, slot.admin.lock())
+        let _control = tokio::time::timeout(CONTROL_WAIT_MAX, slot.control.lock())
             .await
             .map_err(|_| {
                 NodeError::Unavailable(format!(
                     "wait for the org's other operations exceeded {}s",
-                    ADMIN_WAIT_MAX.as_secs()
+                    CONTROL_WAIT_MAX.as_secs()
                 ))
             })?;
-        // Checked under the admin lock: the state then includes every workspace created before,
+        // Checked under the control lock: the state then includes every workspace created before,
         // so concurrent creations cannot all pass the check at once.
-        if matches!(op, AdminOp::CreateWorkspace { .. }) {
+        if matches!(op, ControlOp::CreateWorkspace { .. }) {
             if slot.current().accounts.len() >= self.options.workspaces_max {
                 m::limit_hit("workspaces");
                 return Err(NodeError::LimitExceeded {
@@ -122,17 +124,19 @@ impl Node {
                 });
             }
         }
-        if let AdminOp::DeleteWorkspace { workspace } = &op {
+        if let ControlOp::DeleteWorkspace { workspace } = &op {
             self.release_reservations_of(&slot.org, workspace);
         }
         let moves_leased = matches!(
             op,
-            AdminOp::Transfer { .. } | AdminOp::DeleteWorkspace { .. } | AdminOp::SetMode { .. }
+            ControlOp::Transfer { .. }
+                | ControlOp::DeleteWorkspace { .. }
+                | ControlOp::SetMode { .. }
         );
         let result = self
             .apply_recalled(&slot, &op, key.as_ref(), moves_leased)
             .await;
-        // Whatever happened, rebuild from the truth and lease again: a recall emptied the pools.
+        // Whatever happened, rebuild from the truth and lease again: a recall emptied the leases.
         let refreshed = self.refresh(&slot).await;
         let outcome = result?;
         refreshed?;
@@ -146,14 +150,14 @@ impl Node {
     async fn apply_recalled(
         &self,
         slot: &Arc<OrgSlot>,
-        op: &AdminOp,
+        op: &ControlOp,
         key: Option<&IdempotencyKey>,
         moves_leased: bool,
-    ) -> Result<AdminOutcome, NodeError> {
+    ) -> Result<ControlOutcome, NodeError> {
         let deadline = tokio::time::Instant::now() + self.options.recall_wait_max;
         // A deletion also needs other nodes' reservations of the workspace back.
         let cancel = match op {
-            AdminOp::DeleteWorkspace { workspace } => Some(workspace.clone()),
+            ControlOp::DeleteWorkspace { workspace } => Some(workspace.clone()),
             _ => None,
         };
         let mut attempt = 0;
@@ -254,7 +258,7 @@ impl Node {
     }
 
     /// Rebuilds an org another node changed: give leases back, reload, lease again. The
-    /// caller holds the org's admin lock.
+    /// caller holds the org's control lock.
     pub(crate) async fn reload(&self, slot: &Arc<OrgSlot>) -> Result<(), NodeError> {
         tracing::debug!(org = %slot.org, "reloading an org changed elsewhere");
         self.settle_slots(std::slice::from_ref(slot), Wants::Recall)
@@ -273,7 +277,7 @@ impl Node {
         loop {
             let notice = match notices.recv().await {
                 Ok(n) => n,
-                // Missed notices are not lost changes: settles carry the change epoch.
+                // Missed notices are not lost changes: settles carry the org version.
                 Err(RecvError::Lagged(_)) => continue,
                 Err(RecvError::Closed) => return,
             };
@@ -304,7 +308,7 @@ impl Node {
                     slot.notified_version.fetch_max(version, Ordering::AcqRel);
                     let node = Arc::clone(&self);
                     tokio::spawn(async move {
-                        if let Ok(_admin) = slot.admin.try_lock() {
+                        if let Ok(_control) = slot.control.try_lock() {
                             if let Err(e) = node.reload(&slot).await {
                                 tracing::warn!(org = %slot.org, error = %e, "reload after a change notice failed");
                             }
@@ -344,7 +348,7 @@ impl Node {
     /// reservations of a workspace being deleted). The caller has paused leasing until that
     /// recall resumes, at most `recall_wait_max`: otherwise this node's own debits would lease
     /// the credits again and the recall would never converge under load. Debits that need a
-    /// lease meanwhile ask for just what they need. It takes the settle stream, not the admin
+    /// lease meanwhile ask for just what they need. It takes the settle stream, not the control
     /// lock: the node may be recalling itself.
     async fn give_back(&self, slot: &Arc<OrgSlot>, cancel: Option<WorkspaceId>) {
         if let Some(ws) = cancel {
