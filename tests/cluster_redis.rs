@@ -391,12 +391,7 @@ impl CuttingProxy {
 async fn a_settle_whose_reply_is_lost_is_applied_once() {
     let redis = RedisServer::start();
     let upstream: SocketAddr = format!("127.0.0.1:{}", redis.port()).parse().unwrap();
-    // The store sends each script with the shared helpers in front (src/store/redis/conn.rs).
-    let source = concat!(
-        include_str!("../src/store/redis/common.lua"),
-        include_str!("../src/store/redis/settle.lua")
-    );
-    let settle_sha = redis::Script::new(source).get_hash().to_string();
+    let settle_sha = creditd::store::redis::script_sha("redis_settle").expect("the settle script");
     let proxy = CuttingProxy::start(upstream, settle_sha.into_bytes()).await;
     let url = format!("redis://{}", proxy.addr);
     let (procs, _dirs) = nodes(&url, 1, &[]).await;

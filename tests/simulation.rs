@@ -105,8 +105,6 @@ struct Durable {
 #[derive(Debug, Clone)]
 struct Applied {
     at: Instant,
-    #[allow(dead_code)]
-    op: ControlOp,
     before: OrgRecord,
     after: OrgRecord,
 }
@@ -376,7 +374,6 @@ impl Store for SimStore {
                 w.durable.ledger.extend(events);
                 w.applied.push(Applied {
                     at: Instant::now(),
-                    op: op.clone(),
                     before,
                     after: next_record,
                 });

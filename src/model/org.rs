@@ -92,6 +92,13 @@ pub struct NodeShare {
 }
 
 impl NodeShare {
+    /// Drops the entries that reached zero.
+    pub(super) fn drop_zeros(&mut self) {
+        self.leases.retain(|_, v| *v > 0);
+        self.held.retain(|_, v| *v > 0);
+        self.held_from.retain(|_, v| *v > 0);
+    }
+
     pub(super) fn is_empty(&self) -> bool {
         self.leases.values().all(|&v| v == 0)
             && self.held.values().all(|&v| v == 0)

@@ -91,31 +91,10 @@ impl OrgRecord {
         now_ms: u64,
         prior_life: PriorLife,
     ) -> Result<(SettleReply, Vec<LedgerEvent>), RuleError> {
-        let mut events = Vec::new();
-        if let Some(share) = self.nodes.get(&batch.node) {
-            if batch.epoch < share.epoch {
-                return Err(RuleError::StaleEpoch {
-                    batch: batch.epoch,
-                    current: share.epoch,
-                });
-            }
-            if batch.epoch == share.epoch && batch.seq <= share.seq {
-                let last = batch.seq == share.seq;
-                let reply = SettleReply {
-                    applied: false,
-                    grants: if last {
-                        share.last_grants.clone()
-                    } else {
-                        Vec::new()
-                    },
-                    version: self.version,
-                    expired: last && share.last_expired,
-                    unbacked: 0,
-                    prev_seq: if last { share.last_prev_seq } else { share.seq },
-                };
-                return Ok((reply, events));
-            }
+        if let Some(reply) = self.replay(batch)? {
+            return Ok((reply, Vec::new()));
         }
+        let mut events = Vec::new();
         let mut next = self.clone();
         let prev_seq = next
             .nodes
@@ -146,9 +125,7 @@ impl OrgRecord {
         } else {
             Vec::new()
         };
-        share.leases.retain(|_, v| *v > 0);
-        share.held.retain(|_, v| *v > 0);
-        share.held_from.retain(|_, v| *v > 0);
+        share.drop_zeros();
         share.last_grants = grants.clone();
         share.last_expired = expired;
         share.last_prev_seq = prev_seq;
@@ -166,6 +143,37 @@ impl OrgRecord {
             },
             events,
         ))
+    }
+
+    /// Exactly once: a batch at or below the node's last seq of the same epoch changes nothing
+    /// and is answered again (the grants and flags of that seq; none for a lower seq); a batch
+    /// of an older epoch is refused. `None` for a batch to apply.
+    fn replay(&self, batch: &SettleBatch) -> Result<Option<SettleReply>, RuleError> {
+        let Some(share) = self.nodes.get(&batch.node) else {
+            return Ok(None);
+        };
+        if batch.epoch < share.epoch {
+            return Err(RuleError::StaleEpoch {
+                batch: batch.epoch,
+                current: share.epoch,
+            });
+        }
+        if batch.epoch != share.epoch || batch.seq > share.seq {
+            return Ok(None);
+        }
+        let last = batch.seq == share.seq;
+        Ok(Some(SettleReply {
+            applied: false,
+            grants: if last {
+                share.last_grants.clone()
+            } else {
+                Vec::new()
+            },
+            version: self.version,
+            expired: last && share.last_expired,
+            unbacked: 0,
+            prev_seq: if last { share.last_prev_seq } else { share.seq },
+        }))
     }
 
     /// The usage lines of a batch; returns the usage nothing in the store backed.

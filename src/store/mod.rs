@@ -234,8 +234,8 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 
     /// Every org the store holds, in no particular order (exports; an empty list is an empty
-    /// store). Not for the request path: it reads the whole key space on Redis.
-    /// Stores that cannot (test doubles) answer `Unavailable` to the three export methods.
+    /// store). Not for the request path: it reads the whole key space on Redis. A store that
+    /// cannot export (a test double) answers `Unavailable` to this and the next two methods.
     async fn list_orgs(&self) -> Result<Vec<OrgId>, StoreError> {
         Err(no_export(self.kind()))
     }
@@ -252,12 +252,14 @@ pub trait Store: Send + Sync + 'static {
         Err(no_export(self.kind()))
     }
 
-    /// Announces a notice to every node (a no-op where there is one node).
+    /// Announces a notice to every node of the store, this one included. The default tells
+    /// nobody: a store no other node shares may keep it; both stores here deliver it.
     async fn announce(&self, _notice: &Notice) -> Result<(), StoreError> {
         Ok(())
     }
 
-    /// Notices announced by any node, this one included; `None` where there is one node.
+    /// Notices announced by any node, this one included; `None` (the default) for a store
+    /// that delivers none.
     fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<Notice>> {
         None
     }

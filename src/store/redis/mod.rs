@@ -182,6 +182,20 @@ fn status<'a>(
     }
 }
 
+/// ARGV 3 to 5 of the apply script: the op's arguments, empty where it has fewer.
+fn op_args(op: &ControlOp) -> [String; 3] {
+    match op {
+        ControlOp::Purchase { amount } => [amount.get().to_string(), String::new(), String::new()],
+        ControlOp::CreateWorkspace { workspace } | ControlOp::DeleteWorkspace { workspace } => {
+            [workspace.to_string(), String::new(), String::new()]
+        }
+        ControlOp::Transfer { from, to, amount } => {
+            [from.to_string(), to.to_string(), amount.get().to_string()]
+        }
+        ControlOp::SetMode { mode } => [mode.as_str().to_string(), String::new(), String::new()],
+    }
+}
+
 fn unexpected(script: &str, status: &str) -> StoreError {
     StoreError::Corrupt(format!("unexpected status `{status}` from {script}"))
 }
@@ -252,20 +266,7 @@ impl RedisStore {
         let mut keys = org_keys(org);
         keys.push(format!("{}idem", prefix(org)));
         let mut args = vec![org.to_string(), op.name().to_string()];
-        match op {
-            ControlOp::Purchase { amount } => args.extend([amount.get().to_string(), "".into()]),
-            ControlOp::CreateWorkspace { workspace } | ControlOp::DeleteWorkspace { workspace } => {
-                args.extend([workspace.to_string(), "".into()])
-            }
-            ControlOp::Transfer { from, to, amount } => {
-                args.extend([from.to_string(), to.to_string()]);
-                args.push(amount.get().to_string());
-            }
-            ControlOp::SetMode { mode } => args.extend([mode.as_str().to_string(), "".into()]),
-        }
-        if args.len() == 4 {
-            args.push(String::new());
-        }
+        args.extend(op_args(op));
         let options = &self.inner.options;
         let key_name = match once {
             Once::Key(k) => {
@@ -289,7 +290,18 @@ impl RedisStore {
             .redis
             .eval(&self.inner.scripts.apply, &keys, &args)
             .await?;
-        match status(org, key_name, &tokens)? {
+        self.apply_outcome(org, key_name, &tokens)
+    }
+
+    /// The apply script's answer: applied now (other nodes are told), or the remembered
+    /// outcome of the same key.
+    fn apply_outcome(
+        &self,
+        org: &OrgId,
+        key_name: Option<&str>,
+        tokens: &[String],
+    ) -> Result<ControlOutcome, StoreError> {
+        match status(org, key_name, tokens)? {
             ("ok", rest) => {
                 let mut t = Tokens::new(rest, "apply");
                 let returned = t.u64()?;
