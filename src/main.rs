@@ -36,6 +36,9 @@ enum Command {
     /// ledger (see `creditd help <command>`).
     #[command(flatten)]
     Operator(creditd::cli::Operator),
+    /// Data commands: check, export, import, backup, restore.
+    #[command(flatten)]
+    Data(creditd::cli::data::DataCommand),
 }
 
 fn load(config: Option<PathBuf>) -> Result<Config, ExitCode> {
@@ -97,6 +100,7 @@ fn main() -> ExitCode {
             runtime.block_on(creditd::cli::healthcheck(&config))
         }
         Command::Operator(operator) => runtime.block_on(creditd::cli::run(operator)),
+        Command::Data(command) => runtime.block_on(creditd::cli::data::run(command)),
     }
 }
 
@@ -113,7 +117,7 @@ async fn serve(config: Config) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
-            return ExitCode::FAILURE;
+            return ExitCode::from(e.exit_code());
         }
     };
     wait_for_signal().await;

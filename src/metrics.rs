@@ -27,6 +27,14 @@ pub const BUILD_INFO: &str = "creditd_build_info";
 pub const LEASES_FORFEITED: &str = "creditd_leases_forfeited_total";
 pub const USAGE_UNBACKED: &str = "creditd_usage_unbacked_credits_total";
 pub const STORE_REGRESSIONS: &str = "creditd_store_regressions_total";
+pub const STORE_ERRORS: &str = "creditd_store_errors_total";
+pub const STORE_FILE_BYTES: &str = "creditd_store_file_bytes";
+pub const LEDGER_ENTRIES: &str = "creditd_ledger_entries";
+
+/// Every value of [`STORE_ERRORS`]'s `kind` label: `full` (no space left), `io` (any other
+/// I/O failure), `corrupt` (damaged data, or an answer that cannot be right), `unavailable`
+/// (Redis unreachable or too slow), `other`.
+pub const STORE_ERROR_KINDS: [&str; 5] = ["full", "io", "corrupt", "unavailable", "other"];
 
 /// Every value of [`LIMIT_HITS`]'s `limit` label (the README's metrics table lists them too).
 pub const LIMITS: [&str; 7] = [
@@ -102,6 +110,9 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     }
     for limit in LIMITS {
         metrics::counter!(LIMIT_HITS, "limit" => limit).increment(0);
+    }
+    for kind in STORE_ERROR_KINDS {
+        metrics::counter!(STORE_ERRORS, "kind" => kind).increment(0);
     }
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(handle)
@@ -189,6 +200,19 @@ fn describe() {
         STORE_REGRESSIONS,
         "Times the store answered with an older state than it had acknowledged (writes lost in a failover or a restart from older data); the node then starts a new life"
     );
+    describe_counter!(
+        STORE_ERRORS,
+        "Store calls that failed, by kind: full (no space left), io, corrupt, unavailable, other"
+    );
+    describe_gauge!(
+        STORE_FILE_BYTES,
+        Unit::Bytes,
+        "Size of the embedded store's data file"
+    );
+    describe_gauge!(
+        LEDGER_ENTRIES,
+        "Ledger entries the embedded store holds (they are never deleted)"
+    );
     describe_gauge!(
         BUILD_INFO,
         "Always 1; the version label says which creditd runs"
@@ -207,4 +231,13 @@ pub fn limit_hit(limit: &'static str) {
 /// Counts one store call.
 pub fn store_call(op: &'static str) {
     metrics::counter!(STORE_CALLS, "op" => op).increment(1);
+}
+
+/// Counts one failed store call.
+pub fn store_error(kind: &'static str) {
+    debug_assert!(
+        STORE_ERROR_KINDS.contains(&kind),
+        "store error kind {kind:?} is missing from metrics::STORE_ERROR_KINDS"
+    );
+    metrics::counter!(STORE_ERRORS, "kind" => kind).increment(1);
 }

@@ -21,6 +21,9 @@ use crate::store::{Store, StoreError};
 pub enum RunError {
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
+    /// The embedded store's file is damaged or unreadable: exit [`EXIT_DAMAGED`].
+    #[error("{0}")]
+    Damaged(String),
     #[error("cannot open the redis store: {0}")]
     Redis(#[from] RedisOpenError),
     #[error("cannot start the node: {0}")]
@@ -33,6 +36,20 @@ pub enum RunError {
     /// The server task panicked or was cancelled.
     #[error("the server task failed: {0}")]
     TaskFailed(#[from] tokio::task::JoinError),
+}
+
+/// Exit code of a start refused because the embedded store's data file is damaged or
+/// unreadable (EX_DATAERR); 64 is a bad configuration, 1 any other failure.
+pub const EXIT_DAMAGED: u8 = 65;
+
+impl RunError {
+    /// The process's exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Damaged(_) => EXIT_DAMAGED,
+            _ => 1,
+        }
+    }
 }
 
 /// A started creditd.
@@ -51,7 +68,11 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, RunError> {
                 idempotency_keys_max: config.idempotency_keys_max,
                 idempotency_ttl: config.idempotency_ttl,
             };
-            Ok(Arc::new(EmbeddedStore::open(&config.data_dir, options)?))
+            match EmbeddedStore::open(&config.data_dir, options) {
+                Ok(store) => Ok(Arc::new(store)),
+                Err(StoreError::Corrupt(why)) => Err(RunError::Damaged(why)),
+                Err(e) => Err(e.into()),
+            }
         }
         StoreKind::Redis => Ok(Arc::new(
             RedisStore::open(RedisOptions::from_config(config)).await?,

@@ -716,6 +716,7 @@ async fn every_operation_in_openapi_yaml_answers_as_documented() {
             None,
             404,
         ),
+        call("GET /v1/admin/export", "/v1/admin/export", None, 200),
         // Operations.
         call("GET /metrics", "/metrics", None, 200),
         call("GET /healthz", "/healthz", None, 200),

@@ -13,7 +13,7 @@ use crate::model::{Amount, Mode, OrgId, OrgView, WorkspaceId};
 use crate::store::{ControlOp, IdempotencyKey};
 
 /// Checks the bearer token in constant time. Without a configured token nothing passes.
-fn authorize(app: &App, parts: &Parts) -> Result<(), ApiError> {
+pub(super) fn authorize(app: &App, parts: &Parts) -> Result<(), ApiError> {
     let Some(expected) = app.options.admin_token.as_deref() else {
         return Err(ApiError::unauthorized(
             "the control plane is off: no admin token is configured (set CREDITD_ADMIN_TOKEN)",

@@ -2,9 +2,11 @@
 //!
 //! - [`data`]: `/v1/debit`, `/v1/authorize`, `/v1/reservations`, `/v1/balance` (the hot path).
 //! - [`control`]: `/v1/orgs/...` behind the bearer token.
+//! - [`backup`]: `/v1/admin/export`, every org as JSON lines, behind the bearer token.
 //! - [`ops`]: `/metrics`, `/healthz`, `/livez`, `/readyz`.
 //! - [`console`]: the web console's static files under `/console/`.
 
+mod backup;
 mod console;
 mod control;
 mod data;
@@ -207,6 +209,10 @@ async fn route(app: &App, parts: &Parts, body: Incoming) -> (Plane, Result<Resp,
             ["orgs", ..] => (
                 Plane::Control,
                 control::route(app, parts, body, &segments[1..]).await,
+            ),
+            ["admin", "export"] => (
+                Plane::Control,
+                only(method, &Method::GET, backup::export(app, parts)).await,
             ),
             _ => (Plane::Data, Err(ApiError::not_found())),
         }

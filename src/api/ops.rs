@@ -20,14 +20,14 @@ pub(super) async fn alive() -> Result<Resp, ApiError> {
     Ok(json(StatusCode::OK, &json!({"status": "ok"})))
 }
 
-/// `GET /readyz`: the node answers debits (store reachable, not stopping).
+/// `GET /readyz`: the node answers debits and its store can be written (not stopping); a 503
+/// says why in `reason`.
 pub(super) async fn ready(app: &App) -> Result<Resp, ApiError> {
-    if app.node.check_ready().await {
-        Ok(json(StatusCode::OK, &json!({"status": "ok"})))
-    } else {
-        Ok(json(
+    match app.node.readiness().await {
+        Ok(()) => Ok(json(StatusCode::OK, &json!({"status": "ok"}))),
+        Err(reason) => Ok(json(
             StatusCode::SERVICE_UNAVAILABLE,
-            &json!({"status": "unavailable"}),
-        ))
+            &json!({"status": "unavailable", "reason": reason}),
+        )),
     }
 }

@@ -13,6 +13,7 @@
 mod args;
 mod call;
 mod client;
+pub mod data;
 mod render;
 
 use std::process::ExitCode;

@@ -401,11 +401,22 @@ impl Node {
 
     /// Readiness: ready and the store answers.
     pub async fn check_ready(&self) -> bool {
+        self.readiness().await.is_ok()
+    }
+
+    /// Readiness with the reason it is missing: stopping, or why the store cannot be used
+    /// (a full disk, a store being re-opened, Redis unreachable).
+    pub async fn readiness(&self) -> Result<(), String> {
         if !self.is_ready() {
-            return false;
+            return Err("the node is stopping".into());
         }
         crate::metrics::store_call("ping");
-        self.store.ping().await.is_ok()
+        self.store.ping().await.map_err(|e| e.to_string())
+    }
+
+    /// The store, for exports and backups.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
     }
 
     /// Turns readiness off (the first step of a stop).

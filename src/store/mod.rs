@@ -5,8 +5,14 @@
 //!
 //! The store is never called per request. The node calls it for control-plane operations and,
 //! from its settler, once per org per batch to report usage and take leases (docs/design.md).
+//!
+//! [`export`] reads and writes every org as JSON lines (backups, moving between stores)
+//! through three methods of the trait: [`Store::list_orgs`], [`Store::export_org`] and
+//! [`Store::import_org`].
 
 pub mod embedded;
+pub mod export;
+mod quiet;
 pub mod redis;
 
 use async_trait::async_trait;
@@ -224,8 +230,27 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets idempotency keys older than the retention window.
     async fn prune(&self, now_ms: u64) -> Result<(), StoreError>;
 
-    /// Cheap reachability check for `/readyz`.
+    /// Cheap reachability check for `/readyz`; the error says why the store cannot be used.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Every org the store holds, in no particular order (exports; an empty list is an empty
+    /// store). Not for the request path: it reads the whole key space on Redis. A store that
+    /// cannot export (a test double) answers `Unavailable` to this and the next two methods.
+    async fn list_orgs(&self) -> Result<Vec<OrgId>, StoreError> {
+        Err(no_export(self.kind()))
+    }
+
+    /// One org as it is at one instant (record, whole ledger, live idempotency keys), or
+    /// `None` if it does not exist. Node holdings are left in the record as stored.
+    async fn export_org(&self, _org: &OrgId) -> Result<Option<export::OrgDump>, StoreError> {
+        Err(no_export(self.kind()))
+    }
+
+    /// Writes one org of an export, atomically; `OrgExists` if the id is taken. The dump
+    /// must pass [`export::OrgDump::validate`].
+    async fn import_org(&self, _dump: &export::OrgDump) -> Result<(), StoreError> {
+        Err(no_export(self.kind()))
+    }
 
     /// Announces a notice to every node of the store, this one included. The default tells
     /// nobody: a store no other node shares may keep it; both stores here deliver it.
@@ -238,6 +263,10 @@ pub trait Store: Send + Sync + 'static {
     fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<Notice>> {
         None
     }
+}
+
+fn no_export(kind: &str) -> StoreError {
+    StoreError::Unavailable(format!("the {kind} store cannot export or import"))
 }
 
 /// Milliseconds since the Unix epoch, for ledger timestamps.

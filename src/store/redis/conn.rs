@@ -71,6 +71,8 @@ pub(super) struct Scripts {
     pub apply: LuaScript,
     pub settle: LuaScript,
     pub start_node: LuaScript,
+    pub export: LuaScript,
+    pub import: LuaScript,
 }
 
 impl Scripts {
@@ -82,6 +84,8 @@ impl Scripts {
             apply: lua!("redis_apply", "apply.lua"),
             settle: lua!("redis_settle", "settle.lua"),
             start_node: lua!("redis_start_node", "start_node.lua"),
+            export: lua!("redis_export_org", "export.lua"),
+            import: lua!("redis_import_org", "import.lua"),
         }
     }
 }
@@ -121,12 +125,22 @@ impl Redis {
     async fn try_call<T: FromRedisValue>(&self, op: &'static str, cmd: &Cmd) -> Result<T, Failure> {
         crate::metrics::store_call(op);
         match tokio::time::timeout(self.call_timeout, self.conn.query(cmd)).await {
-            Err(_) => Err(Failure::Store(StoreError::Unavailable(format!(
-                "redis did not answer {op} within {}ms; its outcome is unknown",
-                self.call_timeout.as_millis()
-            )))),
+            Err(_) => {
+                crate::metrics::store_error("unavailable");
+                Err(Failure::Store(StoreError::Unavailable(format!(
+                    "redis did not answer {op} within {}ms; its outcome is unknown",
+                    self.call_timeout.as_millis()
+                ))))
+            }
             Ok(Err(e)) if e.kind() == ErrorKind::NoScriptError => Err(Failure::NoScript),
-            Ok(Err(e)) => Err(Failure::Store(store_error(op, &e))),
+            Ok(Err(e)) => {
+                let e = store_error(op, &e);
+                crate::metrics::store_error(match e {
+                    StoreError::Unavailable(_) => "unavailable",
+                    _ => "corrupt",
+                });
+                Err(Failure::Store(e))
+            }
             Ok(Ok(v)) => Ok(v),
         }
     }

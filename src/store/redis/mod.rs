@@ -20,6 +20,8 @@
 //! | `creditd:{org}:idem:call:<call id>` | hash, `PX` TTL | the same, for a call without a key |
 //! | `creditd:node:<node>:epoch` | string | the node's life counter (`INCR` at start) |
 //!
+//! There is no list of orgs: exports find them by `SCAN` of every master (see `export.rs`).
+//!
 //! Counters are decimal strings. Lua numbers are doubles, exact only up to 2^53, so no
 //! counter may exceed [`CREDITS_MAX`] = 2^53 - 1: a purchase beyond it is refused (the model
 //! refuses it too), and every other counter is a part of `purchased`.
@@ -29,8 +31,9 @@
 //! Each `.lua` file here starts with its KEYS, ARGV, reply and invariant; `common.lua` is
 //! prepended to each. `create_org`, `apply` (every control-plane op, with the idempotency key
 //! checked and remembered in the same script), `settle` (one org's batch, exactly once by
-//! (node, epoch, seq), then expiry of silent nodes' leases), `load` and `ledger` (reads).
-//! Every script reads and validates everything before its first write: Redis does not roll a
+//! (node, epoch, seq), then expiry of silent nodes' leases), `load` and `ledger` (reads),
+//! `export` (one org whole, read only) and `import` (one org of an export into a store
+//! without it). Every script reads and validates everything before its first write: Redis does not roll a
 //! script back.
 //!
 //! # Failures
@@ -65,6 +68,7 @@
 //! [`OrgRecord::expire_nodes`]: crate::model::OrgRecord::expire_nodes
 
 mod conn;
+mod export;
 mod notices;
 mod open;
 mod reply;
@@ -450,6 +454,21 @@ impl Store for RedisStore {
     /// Nothing to record: the node's final settle already gave its leases back.
     async fn stop_node(&self, _node: &NodeId) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn list_orgs(&self) -> Result<Vec<OrgId>, StoreError> {
+        self.scan_orgs().await
+    }
+
+    async fn export_org(
+        &self,
+        org: &OrgId,
+    ) -> Result<Option<crate::store::export::OrgDump>, StoreError> {
+        self.export_one(org).await
+    }
+
+    async fn import_org(&self, dump: &crate::store::export::OrgDump) -> Result<(), StoreError> {
+        self.import_one(dump).await
     }
 
     async fn load_org(&self, org: &OrgId) -> Result<Option<OrgRecord>, StoreError> {
