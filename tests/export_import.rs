@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::redis::{RedisCluster, RedisServer};
 use common::{assert_conserved, binary, run_bounded, Finished, Process, TOKEN};
 use serde_json::{json, Value};
-use common::redis::{RedisCluster, RedisServer};
 
 const LIMIT: Duration = Duration::from_secs(60);
 

@@ -694,6 +694,27 @@ async fn a_command_sent_twice_applies_once() {
         "a re-sent call is the same call, not a replay"
     );
     assert_eq!(resent.view.purchased, 100);
+    // A call id is remembered without the org (a copy per call would grow Redis by the org's
+    // size on every call): re-sent after another change, it applies nothing and answers the
+    // org as it is now.
+    let record = format!(
+        "{:?}",
+        server.cmd(&["HKEYS", "creditd:{acme}:idem:call:call-0000000000000003"])
+    );
+    assert!(
+        record.contains("fp") && !record.contains("state"),
+        "{record}"
+    );
+    store
+        .apply_as_call(&org("acme"), &purchase(5), "call-0000000000000004")
+        .await
+        .expect("another call");
+    let late = store
+        .apply_as_call(&org("acme"), &purchase(100), "call-0000000000000003")
+        .await
+        .expect("the first purchase re-sent late");
+    assert_eq!(late.view.purchased, 105, "applied once");
+    assert!(!late.replayed);
     // Calls without a key are not counted against the callers' keys.
     for _ in 0..3 {
         store
@@ -705,9 +726,9 @@ async fn a_command_sent_twice_applies_once() {
         .apply(&org("acme"), &purchase(1), Some(&key("purchase", "k", "1")))
         .await
         .expect("one key fits");
-    assert_eq!(keyed.view.purchased, 104);
+    assert_eq!(keyed.view.purchased, 109);
     let ledger = ledger_events(&store, "acme").await;
-    assert_eq!(ledger.len(), 1 + 1 + 3 + 1, "{ledger:?}");
+    assert_eq!(ledger.len(), 1 + 2 + 3 + 1, "{ledger:?}");
 }
 
 // -------------------------------------------------------------------------------------------

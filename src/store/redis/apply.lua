@@ -11,13 +11,15 @@
 --         transfer from to amount | set_mode mode
 --       6 remember: `key` (a caller's key: counted against keys_max, indexed in KEYS[6]) or
 --         `call` (the store's own id for a call without a key: a client that re-sends the
---         command after a lost connection or a timeout gets the first outcome, not a second
---         application; not counted),
+--         command after a lost connection or a timeout gets the outcome, not a second
+--         application; not counted, and remembered without the org's state: the re-sent
+--         call is answered with the state as it is now),
 --       7 fingerprint, 8 ttl_ms, 9 keys_max
 -- Reply: {'ok', returned, state...}: applied; `returned` is what a deletion gave back to the
 --          Primary (0 otherwise), state as state_tokens();
---        {'replay', returned, state}: the remembered outcome of an earlier call with this key
---          (state is state_tokens() joined by spaces, as remembered);
+--        {'replay', returned, state}: the remembered outcome of an earlier call with this
+--          caller's key (state is state_tokens() joined by spaces, as remembered); a call id
+--          seen before is answered {'ok', returned, state...} with the state as it is now;
 --        {'err', code, ...}: refused, nothing written. Codes: unknown_org, unknown_workspace ws,
 --          workspace_exists ws, primary_workspace ws, wrong_mode mode, same_workspace,
 --          insufficient ws available wanted, leases_outstanding ws leased, overflow,
@@ -197,15 +199,21 @@ local function set_mode(st, mode)
   return events
 end
 
--- Remembers the outcome under the call's key (KEYS[7]) for ttl_ms; a caller's key is indexed
--- in KEYS[6] and counted against keys_max.
+-- Remembers the outcome under the call's key (KEYS[7]) for ttl_ms. A caller's key keeps the
+-- org's state with it (its retry answers the first outcome), is indexed in KEYS[6] and counted
+-- against keys_max; a call id keeps only `returned`: a copy of the org per control-plane call
+-- would grow Redis by the org's size on every call.
 local function remember(reply, fingerprint, returned, counted, ttl_ms, now)
-  local state = {}
-  for i = 3, #reply do
-    state[#state + 1] = reply[i]
+  if counted then
+    local state = {}
+    for i = 3, #reply do
+      state[#state + 1] = reply[i]
+    end
+    redis.call('HSET', KEYS[7], 'fp', fingerprint, 'returned', fmt(returned), 'state',
+      table.concat(state, ' '))
+  else
+    redis.call('HSET', KEYS[7], 'fp', fingerprint, 'returned', fmt(returned))
   end
-  redis.call('HSET', KEYS[7], 'fp', fingerprint, 'returned', fmt(returned), 'state',
-    table.concat(state, ' '))
   redis.call('PEXPIRE', KEYS[7], fmt(ttl_ms))
   if counted then
     redis.call('ZADD', KEYS[6], fmt(now + ttl_ms), KEYS[7])
@@ -249,6 +257,10 @@ return run(function()
   if remembered.fp ~= nil then
     if remembered.fp ~= fingerprint then
       refuse('idempotency_mismatch')
+    end
+    if remembered.state == nil then
+      -- A call id: the call was applied; answer it with the org as it is now.
+      return state_tokens(st, { 'ok', remembered.returned })
     end
     return { 'replay', remembered.returned, remembered.state }
   end
