@@ -17,7 +17,7 @@
 //! | `creditd:{org}:ledger` | list | JSON ledger entries; the i-th (1-based) has `seq` i |
 //! | `creditd:{org}:idem` | sorted set | remembered idempotency keys, scored by expiry (ms) |
 //! | `creditd:{org}:idem:<scope>:<key>` | hash, `PX` TTL | fingerprint, outcome (`returned`, state) |
-//! | `creditd:{org}:idem:call:<call id>` | hash, `PX` TTL | the same, for a call without a key |
+//! | `creditd:{org}:idem:call:<call id>` | hash, `PX` TTL | `fp`, `returned` only, for a call without a key (no copy of the state) |
 //! | `creditd:node:<node>:epoch` | string | the node's life counter (`INCR` at start) |
 //!
 //! There is no list of orgs: exports find them by `SCAN` of every master (see `export.rs`).
