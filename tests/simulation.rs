@@ -101,10 +101,29 @@ struct Durable {
     ledger: Vec<LedgerEvent>,
 }
 
+/// A point in the run: the simulated time, and the order of events within one instant (the
+/// clock is paused, so a debit and a mode switch often share an instant; the order in which
+/// they happened decides the mode period a debit belongs to).
+type Moment = (Instant, u64);
+
+thread_local! {
+    static EVENTS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Now, as a [`Moment`].
+fn moment() -> Moment {
+    let n = EVENTS.with(|e| {
+        let n = e.get() + 1;
+        e.set(n);
+        n
+    });
+    (Instant::now(), n)
+}
+
 /// A change the store applied, with the org view before and after it, at store time.
 #[derive(Debug, Clone)]
 struct Applied {
-    at: Instant,
+    at: Moment,
     before: OrgRecord,
     after: OrgRecord,
 }
@@ -183,6 +202,12 @@ fn unavailable(what: &str) -> StoreError {
     StoreError::Unavailable(format!("simulated: {what}"))
 }
 
+/// When a frozen node next looks whether it still is: at `until`, or sooner, since healing
+/// thaws every node at once (a node asleep until its old `until` would miss the final checks).
+fn thaw_check(until: Instant) -> Instant {
+    until.min(Instant::now() + SETTLE_INTERVAL)
+}
+
 impl SimStore {
     fn is_dead(&self) -> bool {
         self.world.lock().dead[self.handle]
@@ -193,7 +218,7 @@ impl SimStore {
         for _ in 0..1000 {
             let until = self.world.lock().frozen_until.get(&self.node).copied();
             match until {
-                Some(t) if Instant::now() < t => tokio::time::sleep_until(t).await,
+                Some(t) if Instant::now() < t => tokio::time::sleep_until(thaw_check(t)).await,
                 _ => return,
             }
         }
@@ -277,7 +302,9 @@ fn publish(world: &Shared, notice: Notice) {
                 for _ in 0..1000 {
                     let until = world.lock().frozen_until.get(&node).copied();
                     match until {
-                        Some(t) if Instant::now() < t => tokio::time::sleep_until(t).await,
+                        Some(t) if Instant::now() < t => {
+                            tokio::time::sleep_until(thaw_check(t)).await
+                        }
                         _ => break,
                     }
                 }
@@ -373,7 +400,7 @@ impl Store for SimStore {
                 w.durable.org = Some(next);
                 w.durable.ledger.extend(events);
                 w.applied.push(Applied {
-                    at: Instant::now(),
+                    at: moment(),
                     before,
                     after: next_record,
                 });
@@ -549,9 +576,9 @@ fn amount(n: u64) -> Amount {
 /// One data-plane answer a client saw.
 #[derive(Debug, Clone)]
 struct Spend {
-    started: Instant,
+    started: Moment,
     /// When the client had its answer (for a commit, when it was charged).
-    ended: Instant,
+    ended: Moment,
     workspace: String,
     /// Credits charged: a debit allowed, or what a commit charged (its reservation was made
     /// at `started`).
@@ -562,7 +589,7 @@ struct Spend {
 struct Seen {
     spends: Vec<Spend>,
     /// Open reservations: (node index, life, id, workspace, amount, started).
-    open: Vec<(usize, u64, String, String, u64, Instant)>,
+    open: Vec<(usize, u64, String, String, u64, Moment)>,
     errors: u64,
 }
 
@@ -712,7 +739,7 @@ fn spend_task(
     let seen = Arc::clone(seen);
     let world = Arc::clone(world);
     async move {
-        let started = Instant::now();
+        let started = moment();
         let answer = node.debit(ORG, &workspace, amount(n)).await;
         if world.lock().dead[handle] {
             // A crashed process answers nobody.
@@ -724,12 +751,12 @@ fn spend_task(
                     format!(
                         "{} allowed {workspace} {n}, started at {}",
                         node.node_id(),
-                        started.duration_since(world_t0(&world)).as_millis()
+                        started.0.duration_since(world_t0(&world)).as_millis()
                     )
                 });
                 seen.lock().spends.push(Spend {
                     started,
-                    ended: Instant::now(),
+                    ended: moment(),
                     workspace,
                     charged: n,
                 })
@@ -924,7 +951,7 @@ async fn simulate(seed: u64, world: &Shared) -> Result<Outcome, String> {
             let life = cluster.members[i].life;
             let (world, handle) = (Arc::clone(&world), cluster.members[i].handle);
             cluster.tasks.push(tokio::spawn(async move {
-                let started = Instant::now();
+                let started = moment();
                 let answer = node.reserve(ORG, &workspace, amount(n), None, None).await;
                 if world.lock().dead[handle] {
                     return;
@@ -954,7 +981,7 @@ async fn simulate(seed: u64, world: &Shared) -> Result<Outcome, String> {
                             });
                             seen.spends.push(Spend {
                                 started,
-                                ended: Instant::now(),
+                                ended: moment(),
                                 workspace,
                                 charged,
                             });
@@ -1203,10 +1230,10 @@ fn check_periods(world: &Shared, seen: &Seen, rollbacks: u32) -> Result<(), Stri
     };
     let total = |r: &OrgRecord| r.view().total_credits;
     // Period boundaries: the mode changes, in store order.
-    let mut periods: Vec<(Instant, Mode, OrgRecord)> = Vec::new();
+    let mut periods: Vec<(Moment, Mode, OrgRecord)> = Vec::new();
     let first = w.applied.first().map(|a| a.before.clone());
     if let Some(r) = first {
-        periods.push((w.t0, r.mode, r));
+        periods.push(((w.t0, 0), r.mode, r));
     }
     for a in &w.applied {
         if a.before.mode != a.after.mode {
@@ -1215,7 +1242,7 @@ fn check_periods(world: &Shared, seen: &Seen, rollbacks: u32) -> Result<(), Stri
     }
     for (k, (start, mode, at_start)) in periods.iter().enumerate() {
         let end = periods.get(k + 1).map(|p| p.0);
-        let within = |t: Instant| t >= *start && end.map_or(true, |e| t < e);
+        let within = |t: Moment| t >= *start && end.map_or(true, |e| t < e);
         // What arrived during the period: every increase a change made.
         let mut given: BTreeMap<String, u64> = at_start
             .workspaces
