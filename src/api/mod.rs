@@ -117,6 +117,10 @@ fn connections_open() -> &'static metrics::Gauge {
     GAUGE.get_or_init(|| metrics::gauge!(m::CONNECTIONS_OPEN))
 }
 
+/// How often the Prometheus recorder's samples are drained when nobody scrapes (the exporter's
+/// own default upkeep period).
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Serves HTTP on `listener` until `shutdown` resolves, then lets open connections finish
 /// for at most `grace`.
 pub async fn serve(
@@ -126,6 +130,19 @@ pub async fn serve(
     grace: Duration,
 ) {
     let permits = Arc::new(Semaphore::new(app.options.connections_max));
+    // The recorder keeps every histogram sample until it is drained: by a scrape, or by this.
+    // Without it a node nobody scrapes grows by every debit's latency sample (about 20 bytes a
+    // request under load, measured in session 4 of BENCHMARKS.md).
+    let upkeep = app.metrics.clone().map(|handle| {
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(UPKEEP_INTERVAL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                handle.run_upkeep();
+            }
+        })
+    });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -175,6 +192,9 @@ pub async fn serve(
         });
     }
     drop(listener);
+    if let Some(upkeep) = &upkeep {
+        upkeep.abort();
+    }
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
