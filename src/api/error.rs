@@ -63,9 +63,18 @@ impl ApiError {
         }
     }
 
+    /// `{"error": code, "message": text}`, keys in that (alphabetical) order.
     pub fn body(&self) -> Vec<u8> {
-        serde_json::to_vec(&serde_json::json!({"error": self.code, "message": self.message}))
-            .unwrap_or_else(|_| b"{\"error\":\"internal\"}".to_vec())
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            error: &'a str,
+            message: &'a str,
+        }
+        let body = Body {
+            error: self.code,
+            message: &self.message,
+        };
+        serde_json::to_vec(&body).unwrap_or_else(|_| b"{\"error\":\"internal\"}".to_vec())
     }
 }
 

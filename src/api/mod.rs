@@ -13,22 +13,27 @@ mod data;
 pub mod error;
 mod ops;
 
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics::Counter;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+pub use data::{
+    parse_debit, remaining_value, write_debit_allowed, write_insufficient, DebitBody, Refused,
+};
 pub use error::ApiError;
 
 use crate::metrics as m;
@@ -84,6 +89,8 @@ enum Plane {
 }
 
 impl Plane {
+    const ALL: [Plane; 4] = [Plane::Data, Plane::Control, Plane::Ops, Plane::Console];
+
     fn label(self) -> &'static str {
         match self {
             Plane::Data => "data",
@@ -94,6 +101,30 @@ impl Plane {
     }
 }
 
+/// `creditd_http_requests_total{plane, status}` handles, each registered on its first use
+/// (a series appears when it is first counted, as with the macro) and then kept: counting a
+/// request is one atomic add, with no registry lookup.
+fn count_request(plane: Plane, status: StatusCode) {
+    static COUNTERS: [[OnceLock<Counter>; STATUS_LABELS.len()]; Plane::ALL.len()] =
+        [const { [const { OnceLock::new() }; STATUS_LABELS.len()] }; Plane::ALL.len()];
+    let s = status_index(status);
+    COUNTERS[plane as usize][s]
+        .get_or_init(|| {
+            metrics::counter!(m::HTTP_REQUESTS, "plane" => plane.label(), "status" => STATUS_LABELS[s])
+        })
+        .increment(1);
+}
+
+/// The open-connections gauge, registered once.
+fn connections_open() -> &'static metrics::Gauge {
+    static GAUGE: OnceLock<metrics::Gauge> = OnceLock::new();
+    GAUGE.get_or_init(|| metrics::gauge!(m::CONNECTIONS_OPEN))
+}
+
+/// How often the Prometheus recorder's samples are drained when nobody scrapes (the exporter's
+/// own default upkeep period).
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Serves HTTP on `listener` until `shutdown` resolves, then lets open connections finish
 /// for at most `grace`.
 pub async fn serve(
@@ -103,6 +134,19 @@ pub async fn serve(
     grace: Duration,
 ) {
     let permits = Arc::new(Semaphore::new(app.options.connections_max));
+    // The recorder keeps every histogram sample until it is drained: by a scrape, or by this.
+    // Without it a node nobody scrapes grows by every debit's latency sample (about 20 bytes a
+    // request under load, measured in session 4 of BENCHMARKS.md).
+    let upkeep = app.metrics.clone().map(|handle| {
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(UPKEEP_INTERVAL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                handle.run_upkeep();
+            }
+        })
+    });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -140,18 +184,21 @@ pub async fn serve(
             .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
-            metrics::gauge!(m::CONNECTIONS_OPEN).increment(1.0);
+            connections_open().increment(1.0);
             if let Err(e) = conn.await {
                 if e.is_timeout() {
                     m::limit_hit("header_timeout");
                 }
                 tracing::debug!(error = %e, "connection ended with an error");
             }
-            metrics::gauge!(m::CONNECTIONS_OPEN).decrement(1.0);
+            connections_open().decrement(1.0);
             drop(permit);
         });
     }
     drop(listener);
+    if let Some(upkeep) = &upkeep {
+        upkeep.abort();
+    }
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
@@ -174,8 +221,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Resp, Infallibl
             .headers_mut()
             .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
     }
-    metrics::counter!(m::HTTP_REQUESTS, "plane" => plane.label(), "status" => status_label(response.status()))
-        .increment(1);
+    count_request(plane, response.status());
     Ok(response)
 }
 
@@ -183,8 +229,26 @@ async fn route(app: &App, parts: &Parts, body: Incoming) -> (Plane, Result<Resp,
     let path = parts.uri.path();
     let method = &parts.method;
     if let Some(rest) = path.strip_prefix("/v1/") {
-        let segments: Vec<&str> = rest.split('/').collect();
-        match segments.as_slice() {
+        // The path's segments on the stack, not in a Vec allocated for each request. A
+        // path deeper than the array (deeper than any route) still gets a Vec.
+        let mut stack = [""; 8];
+        let mut depth = 0;
+        for segment in rest.split('/') {
+            if depth == stack.len() {
+                depth += 1;
+                break;
+            }
+            stack[depth] = segment;
+            depth += 1;
+        }
+        let deep: Vec<&str>;
+        let segments: &[&str] = if depth <= stack.len() {
+            &stack[..depth]
+        } else {
+            deep = rest.split('/').collect();
+            &deep
+        };
+        match segments {
             ["debit"] => (
                 Plane::Data,
                 only(method, &Method::POST, data::debit(app, parts, body)).await,
@@ -208,7 +272,9 @@ async fn route(app: &App, parts: &Parts, body: Incoming) -> (Plane, Result<Resp,
             ),
             ["orgs", ..] => (
                 Plane::Control,
-                control::route(app, parts, body, &segments[1..]).await,
+                // Boxed: a control-plane future is large, and inline it would make every
+                // request's future as large, moved on every data-plane request.
+                Box::pin(control::route(app, parts, body, &segments[1..])).await,
             ),
             ["admin", "export"] => (
                 Plane::Control,
@@ -217,15 +283,17 @@ async fn route(app: &App, parts: &Parts, body: Incoming) -> (Plane, Result<Resp,
             _ => (Plane::Data, Err(ApiError::not_found())),
         }
     } else if path == "/console" || path.starts_with("/console/") {
-        (Plane::Console, console::route(parts).await)
+        (Plane::Console, Box::pin(console::route(parts)).await)
     } else {
-        let result = match path {
-            "/metrics" => only(method, &Method::GET, ops::metrics(app)).await,
-            "/healthz" | "/livez" => only(method, &Method::GET, ops::alive()).await,
-            "/readyz" => only(method, &Method::GET, ops::ready(app)).await,
-            _ => Err(ApiError::not_found()),
-        };
-        (Plane::Ops, result)
+        let result = Box::pin(async {
+            match path {
+                "/metrics" => only(method, &Method::GET, ops::metrics(app)).await,
+                "/healthz" | "/livez" => only(method, &Method::GET, ops::alive()).await,
+                "/readyz" => only(method, &Method::GET, ops::ready(app)).await,
+                _ => Err(ApiError::not_found()),
+            }
+        });
+        (Plane::Ops, result.await)
     }
 }
 
@@ -254,8 +322,33 @@ pub(crate) fn json(status: StatusCode, value: &impl serde::Serialize) -> Resp {
     }
 }
 
+/// A JSON answer written by `write`, as [`answer_body`] makes it.
+pub(crate) fn json_with(status: StatusCode, write: impl FnOnce(&mut Vec<u8>)) -> Resp {
+    with_bytes(status, answer_body(write), "application/json")
+}
+
+/// A response body written by `write` into this thread's scratch buffer, then copied into a
+/// `Bytes` of its exact size: once the scratch buffer has room (its first use on a thread
+/// allocates it), the body is the one allocation. (`Bytes::from(Vec)` of a vector with spare
+/// capacity would add a second one, its shared handle.)
+pub fn answer_body(write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+    thread_local! {
+        static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(256));
+    }
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        scratch.clear();
+        write(&mut scratch);
+        Bytes::copy_from_slice(&scratch)
+    })
+}
+
 pub(crate) fn with_body(status: StatusCode, body: Vec<u8>, content_type: &'static str) -> Resp {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    with_bytes(status, Bytes::from(body), content_type)
+}
+
+fn with_bytes(status: StatusCode, body: Bytes, content_type: &'static str) -> Resp {
+    let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -280,7 +373,7 @@ pub(crate) async fn read_body(app: &App, parts: &Parts, body: Incoming) -> Resul
         return Err(ApiError::payload_too_large(max));
     }
     let timeout = app.options.header_read_timeout;
-    match tokio::time::timeout(timeout, Limited::new(body, max).collect()).await {
+    match tokio::time::timeout(timeout, collect_limited(body, max)).await {
         Err(_) => {
             m::limit_hit("header_timeout");
             Err(ApiError::new(
@@ -289,16 +382,50 @@ pub(crate) async fn read_body(app: &App, parts: &Parts, body: Incoming) -> Resul
                 format!("body not received within {}ms", timeout.as_millis()),
             ))
         }
-        Ok(Err(e))
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
+        Ok(Err(BodyError::TooLarge)) => {
             m::limit_hit("body_bytes");
             Err(ApiError::payload_too_large(max))
         }
-        Ok(Err(e)) => Err(ApiError::invalid(format!("cannot read body: {e}"))),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(BodyError::Read(e))) => Err(ApiError::invalid(format!("cannot read body: {e}"))),
+        Ok(Ok(bytes)) => Ok(bytes),
     }
+}
+
+enum BodyError {
+    TooLarge,
+    Read(hyper::Error),
+}
+
+/// The whole body, at most `max` bytes in all (as `http_body_util::Limited` counts them). A
+/// body that comes in one data frame, as a small one does, is that frame's `Bytes`, not
+/// copied; `Limited::collect` would first allocate a list of frames.
+async fn collect_limited(mut body: Incoming, max: usize) -> Result<Bytes, BodyError> {
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<bytes::BytesMut> = None;
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(BodyError::Read)?.into_data() else {
+            continue; // trailers: read and dropped, as collect() then to_bytes() did
+        };
+        len += data.len();
+        if len > max {
+            return Err(BodyError::TooLarge);
+        }
+        match (&mut joined, first.take()) {
+            (Some(all), _) => all.extend_from_slice(&data),
+            (None, None) => first = Some(data),
+            (None, Some(earlier)) => {
+                let mut all = bytes::BytesMut::with_capacity(earlier.len() + data.len());
+                all.extend_from_slice(&earlier);
+                all.extend_from_slice(&data);
+                joined = Some(all);
+            }
+        }
+    }
+    Ok(match joined {
+        Some(all) => all.freeze(),
+        None => first.unwrap_or_default(),
+    })
 }
 
 /// Parses a JSON body into `T`, naming what is wrong. Every body type refuses fields it does
@@ -365,31 +492,49 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Bounded label for a status code.
-fn status_label(status: StatusCode) -> &'static str {
+/// Bounded labels for a status code; the last is every other status.
+const STATUS_LABELS: [&str; 16] = [
+    "200", "201", "308", "400", "401", "402", "403", "404", "405", "408", "409", "413", "429",
+    "500", "503", "other",
+];
+
+/// The index of a status code's label in [`STATUS_LABELS`].
+fn status_index(status: StatusCode) -> usize {
     match status.as_u16() {
-        200 => "200",
-        201 => "201",
-        308 => "308",
-        400 => "400",
-        401 => "401",
-        402 => "402",
-        403 => "403",
-        404 => "404",
-        405 => "405",
-        408 => "408",
-        409 => "409",
-        413 => "413",
-        429 => "429",
-        500 => "500",
-        503 => "503",
-        _ => "other",
+        200 => 0,
+        201 => 1,
+        308 => 2,
+        400 => 3,
+        401 => 4,
+        402 => 5,
+        403 => 6,
+        404 => 7,
+        405 => 8,
+        408 => 9,
+        409 => 10,
+        413 => 11,
+        429 => 12,
+        500 => 13,
+        503 => 14,
+        _ => 15,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_labels_name_their_status() {
+        for label in &STATUS_LABELS[..STATUS_LABELS.len() - 1] {
+            let status = StatusCode::from_bytes(label.as_bytes()).unwrap();
+            assert_eq!(STATUS_LABELS[status_index(status)], *label);
+        }
+        assert_eq!(
+            STATUS_LABELS[status_index(StatusCode::IM_A_TEAPOT)],
+            "other"
+        );
+    }
 
     #[test]
     fn percent_decoding_handles_escapes_and_garbage() {
