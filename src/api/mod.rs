@@ -136,7 +136,7 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(app.options.connections_max));
     // The recorder keeps every histogram sample until it is drained: by a scrape, or by this.
     // Without it a node nobody scrapes grows by every debit's latency sample (about 20 bytes a
-    // request under load, measured in session 4 of BENCHMARKS.md).
+    // request under load: BENCHMARKS.md, "The HTTP hot path against a bare hyper 1 server").
     let upkeep = app.metrics.clone().map(|handle| {
         tokio::spawn(async move {
             let mut every = tokio::time::interval(UPKEEP_INTERVAL);
