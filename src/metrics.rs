@@ -118,105 +118,140 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     Ok(handle)
 }
 
-fn describe() {
-    describe_counter!(
+/// What kind of metric a name is.
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric's name, kind, unit and help text, as `/metrics` describes it.
+const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
+    (
         DEBIT_REQUESTS,
-        "Data-plane decisions (debit, authorize, reservation) by outcome: allowed, insufficient, unknown, invalid, unavailable, limited"
-    );
-    describe_histogram!(
+        Kind::Counter,
+        None,
+        "Data-plane decisions (debit, authorize, reservation) by outcome: allowed, insufficient, unknown, invalid, unavailable, limited",
+    ),
+    (
         DEBIT_DURATION,
-        Unit::Seconds,
-        "Time to decide a debit in the handler (hot path)"
-    );
-    describe_counter!(
-        CREDITS_DEBITED,
-        "Credits allowed by debits and committed reservations"
-    );
-    describe_counter!(
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "Time to decide a debit in the handler (hot path)",
+    ),
+    (CREDITS_DEBITED, Kind::Counter, None, "Credits allowed by debits and committed reservations"),
+    (
         SETTLE_BATCHES,
-        "Settle batches acknowledged by the store (one per org per settle)"
-    );
-    describe_histogram!(
-        SETTLE_DURATION,
-        Unit::Seconds,
-        "Time of one settle call to the store"
-    );
-    describe_counter!(
+        Kind::Counter,
+        None,
+        "Settle batches acknowledged by the store (one per org per settle)",
+    ),
+    (SETTLE_DURATION, Kind::Histogram, Some(Unit::Seconds), "Time of one settle call to the store"),
+    (
         SETTLE_ERRORS,
-        "Settle calls that failed; the batch is kept and re-sent unchanged"
-    );
-    describe_gauge!(
+        Kind::Counter,
+        None,
+        "Settle calls that failed; the batch is kept and re-sent unchanged",
+    ),
+    (
         BLOCKED_SPENDERS,
-        "Spenders (workspaces, or shared pools) with no credit left, refused from memory"
-    );
-    describe_gauge!(
+        Kind::Gauge,
+        None,
+        "Spenders (workspaces in budget mode, the Primary of a shared-mode org) with no credit left, refused from memory",
+    ),
+    (
         UNSETTLED_CREDITS,
-        "Credits consumed on this node that the store has not recorded yet (lost on a hard crash)"
-    );
-    describe_gauge!(
+        Kind::Gauge,
+        None,
+        "Credits consumed on this node that the store has not recorded yet (lost on a hard crash)",
+    ),
+    (
         LEASED_CREDITS,
-        "Credits this node holds as leases (its outage reserve included), spendable without a store call"
-    );
-    describe_gauge!(RESERVATIONS_OPEN, "Reservations open on this node");
-    describe_counter!(
-        RESERVATIONS_EXPIRED,
-        "Reservations released because their TTL passed"
-    );
-    describe_counter!(
+        Kind::Gauge,
+        None,
+        "Credits this node holds as leases (its outage reserve included), spendable without a store call",
+    ),
+    (RESERVATIONS_OPEN, Kind::Gauge, None, "Reservations open on this node"),
+    (RESERVATIONS_EXPIRED, Kind::Counter, None, "Reservations released because their TTL passed"),
+    (
         LIMIT_HITS,
-        "Requests or connections refused or cut by a configured limit, by limit"
-    );
-    describe_counter!(STORE_CALLS, "Calls made to the store, by operation");
-    describe_counter!(
-        ADMIN_OPERATIONS,
-        "Control-plane changes applied, by operation"
-    );
-    describe_counter!(
+        Kind::Counter,
+        None,
+        "Requests or connections refused or cut by a configured limit, by limit",
+    ),
+    (STORE_CALLS, Kind::Counter, None, "Calls made to the store, by operation"),
+    (ADMIN_OPERATIONS, Kind::Counter, None, "Control-plane changes applied, by operation"),
+    (
         HTTP_REQUESTS,
-        "HTTP requests answered, by plane (data, control, ops, console) and status"
-    );
-    describe_gauge!(CONNECTIONS_OPEN, "HTTP connections open");
-    describe_gauge!(
+        Kind::Counter,
+        None,
+        "HTTP requests answered, by plane (data, control, ops, console) and status",
+    ),
+    (CONNECTIONS_OPEN, Kind::Gauge, None, "HTTP connections open"),
+    (
         READY,
-        "1 when the node answers debits (store reachable, state loaded), else 0"
-    );
-    describe_counter!(
+        Kind::Gauge,
+        None,
+        "1 when the node answers debits (store reachable, state loaded), else 0",
+    ),
+    (
         OUTAGE_DEBITS,
-        "Debits allowed from the outage reserve because the store could not be asked"
-    );
-    describe_counter!(
+        Kind::Counter,
+        None,
+        "Debits allowed from the outage reserve because the store could not be asked",
+    ),
+    (
         UNCLEAN_RESTARTS,
-        "Starts that found the previous life of this node had not stopped cleanly"
-    );
-    describe_counter!(
+        Kind::Counter,
+        None,
+        "Starts that found the previous life of this node had not stopped cleanly",
+    ),
+    (
         LEASES_FORFEITED,
-        "Credits this node dropped from memory because the store had closed its leases (it was silent past lease_ttl) or forgot them"
-    );
-    describe_counter!(
+        Kind::Counter,
+        None,
+        "Credits this node dropped from memory because the store had closed its leases (it was silent past lease_ttl) or forgot them",
+    ),
+    (
         USAGE_UNBACKED,
-        "Credits of usage this node reported that no lease of its own backed in the store (already counted as lease_expired): recorded, not charged again"
-    );
-    describe_counter!(
+        Kind::Counter,
+        None,
+        "Credits of usage this node reported that no lease of its own backed in the store (already counted as lease_expired): recorded, not charged again",
+    ),
+    (
         STORE_REGRESSIONS,
-        "Times the store answered with an older state than it had acknowledged (writes lost in a failover or a restart from older data); the node then starts a new life"
-    );
-    describe_counter!(
+        Kind::Counter,
+        None,
+        "Times the store answered with an older state than it had acknowledged (writes lost in a failover or a restart from older data); the node then starts a new life",
+    ),
+    (
         STORE_ERRORS,
-        "Store calls that failed, by kind: full (no space left), io, corrupt, unavailable, other"
-    );
-    describe_gauge!(
-        STORE_FILE_BYTES,
-        Unit::Bytes,
-        "Size of the embedded store's data file"
-    );
-    describe_gauge!(
+        Kind::Counter,
+        None,
+        "Store calls that failed, by kind: full (no space left), io, corrupt, unavailable, other",
+    ),
+    (STORE_FILE_BYTES, Kind::Gauge, Some(Unit::Bytes), "Size of the embedded store's data file"),
+    (
         LEDGER_ENTRIES,
-        "Ledger entries the embedded store holds (they are never deleted)"
-    );
-    describe_gauge!(
-        BUILD_INFO,
-        "Always 1; the version label says which creditd runs"
-    );
+        Kind::Gauge,
+        None,
+        "Ledger entries the embedded store holds (they are never deleted)",
+    ),
+    (BUILD_INFO, Kind::Gauge, None, "Always 1; the version label says which creditd runs"),
+];
+
+fn describe() {
+    for &(name, kind, unit, help) in DESCRIPTIONS {
+        match (kind, unit) {
+            (Kind::Counter, None) => describe_counter!(name, help),
+            (Kind::Counter, Some(unit)) => describe_counter!(name, unit, help),
+            (Kind::Gauge, None) => describe_gauge!(name, help),
+            (Kind::Gauge, Some(unit)) => describe_gauge!(name, unit, help),
+            (Kind::Histogram, None) => describe_histogram!(name, help),
+            (Kind::Histogram, Some(unit)) => describe_histogram!(name, unit, help),
+        }
+    }
 }
 
 /// Counts a hit of the named limit.
