@@ -134,19 +134,7 @@ pub async fn serve(
     grace: Duration,
 ) {
     let permits = Arc::new(Semaphore::new(app.options.connections_max));
-    // The recorder keeps every histogram sample until it is drained: by a scrape, or by this.
-    // Without it a node nobody scrapes grows by every debit's latency sample (about 20 bytes a
-    // request under load: BENCHMARKS.md, "The HTTP hot path against a bare hyper 1 server").
-    let upkeep = app.metrics.clone().map(|handle| {
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(UPKEEP_INTERVAL);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                every.tick().await;
-                handle.run_upkeep();
-            }
-        })
-    });
+    let upkeep = app.metrics.clone().map(spawn_upkeep);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -208,6 +196,21 @@ pub async fn serve(
             "connections still open after the grace period"
         );
     }
+}
+
+/// Drains the Prometheus recorder every [`UPKEEP_INTERVAL`]. It keeps every histogram sample
+/// until drained, by a scrape or by this: without it a node nobody scrapes grows by every
+/// debit's latency sample (about 20 bytes a request under load: BENCHMARKS.md, "The HTTP hot
+/// path against a bare hyper 1 server").
+fn spawn_upkeep(handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(UPKEEP_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            handle.run_upkeep();
+        }
+    })
 }
 
 /// Answers one request; every failure becomes a JSON error, never a dropped connection.
