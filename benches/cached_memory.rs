@@ -65,16 +65,14 @@ fn main() {
         ..Config::default()
     };
     rt.block_on(async {
-        let store = Arc::new(
-            EmbeddedStore::open(
-                dir.path(),
-                EmbeddedOptions {
-                    idempotency_keys_max: config.idempotency_keys_max,
-                    idempotency_ttl: config.idempotency_ttl,
-                },
-            )
-            .unwrap(),
-        );
+        let open = || {
+            let options = EmbeddedOptions {
+                idempotency_keys_max: config.idempotency_keys_max,
+                idempotency_ttl: config.idempotency_ttl,
+            };
+            Arc::new(EmbeddedStore::open(dir.path(), options).unwrap())
+        };
+        let store = open();
         let started = Instant::now();
         for o in 0..orgs {
             let org = OrgId::parse(&format!("org-{o:05}"), "org").unwrap();
@@ -92,16 +90,7 @@ fn main() {
         drop(store);
         // A fresh store and node, as a restarted process would have: what the import built in
         // memory is gone.
-        let store: Arc<dyn Store> = Arc::new(
-            EmbeddedStore::open(
-                dir.path(),
-                EmbeddedOptions {
-                    idempotency_keys_max: config.idempotency_keys_max,
-                    idempotency_ttl: config.idempotency_ttl,
-                },
-            )
-            .unwrap(),
-        );
+        let store: Arc<dyn Store> = open();
         let opened = rss();
         println!("rss_after_store_open_bytes {opened}");
         let node = Node::start(

@@ -42,6 +42,23 @@ fn ok(done: &Finished, what: &str) {
     );
 }
 
+/// A store as the data commands name it.
+enum Store<'a> {
+    Embedded(&'a Path),
+    Redis(&'a str),
+}
+
+/// `creditd import` (from `file`) or `creditd export` (to `file`) on `store`.
+fn data_command(verb: &str, store: Store<'_>, file: &Path) -> Finished {
+    let file = p(file);
+    let (kind, flag, at) = match store {
+        Store::Embedded(dir) => ("embedded", "--data-dir", p(dir)),
+        Store::Redis(url) => ("redis", "--redis-url", url.to_string()),
+    };
+    let direction = if verb == "import" { "--from" } else { "--to" };
+    creditd(&[verb, "--store", kind, flag, &at, direction, &file], &[])
+}
+
 fn sorted_lines(path: &Path) -> Vec<String> {
     let mut lines: Vec<String> = std::fs::read_to_string(path)
         .unwrap()
@@ -124,18 +141,7 @@ async fn embedded_to_a_redis_cluster_and_back_keeps_every_line() {
     let ledger_before = node.client.ledger_all("acme").await;
     // A running node has its file open: `export` says so and points to `backup`.
     let busy = root.path().join("busy.jsonl");
-    let done = creditd(
-        &[
-            "export",
-            "--store",
-            "embedded",
-            "--data-dir",
-            &p(&embedded),
-            "--to",
-            &p(&busy),
-        ],
-        &[],
-    );
+    let done = data_command("export", Store::Embedded(&embedded), &busy);
     assert_eq!(done.status.code(), Some(1), "{}", done.stderr);
     assert!(
         done.stderr.contains("in use") && done.stderr.contains("creditd backup"),
@@ -147,18 +153,7 @@ async fn embedded_to_a_redis_cluster_and_back_keeps_every_line() {
 
     // Embedded → file.
     let first = root.path().join("first.jsonl");
-    let done = creditd(
-        &[
-            "export",
-            "--store",
-            "embedded",
-            "--data-dir",
-            &p(&embedded),
-            "--to",
-            &p(&first),
-        ],
-        &[],
-    );
+    let done = data_command("export", Store::Embedded(&embedded), &first);
     ok(&done, "export of the embedded store");
     let lines = sorted_lines(&first);
     assert!(
@@ -169,31 +164,9 @@ async fn embedded_to_a_redis_cluster_and_back_keeps_every_line() {
     // File → Redis Cluster; a second import is refused and changes nothing.
     let cluster = RedisCluster::start();
     let url = cluster.url();
-    let done = creditd(
-        &[
-            "import",
-            "--store",
-            "redis",
-            "--redis-url",
-            &url,
-            "--from",
-            &p(&first),
-        ],
-        &[],
-    );
+    let done = data_command("import", Store::Redis(&url), &first);
     ok(&done, "import into the cluster");
-    let done = creditd(
-        &[
-            "import",
-            "--store",
-            "redis",
-            "--redis-url",
-            &url,
-            "--from",
-            &p(&first),
-        ],
-        &[],
-    );
+    let done = data_command("import", Store::Redis(&url), &first);
     assert_eq!(done.status.code(), Some(1), "{}", done.stderr);
     assert!(
         done.stderr.contains("already holds 3 org"),
@@ -203,49 +176,16 @@ async fn embedded_to_a_redis_cluster_and_back_keeps_every_line() {
 
     // Redis Cluster → file: the same lines.
     let second = root.path().join("second.jsonl");
-    let done = creditd(
-        &[
-            "export",
-            "--store",
-            "redis",
-            "--redis-url",
-            &url,
-            "--to",
-            &p(&second),
-        ],
-        &[],
-    );
+    let done = data_command("export", Store::Redis(&url), &second);
     ok(&done, "export of the cluster");
     assert_eq!(sorted_lines(&second), lines, "cluster export differs");
 
     // The same through a standalone Redis (one master to SCAN).
     let standalone = RedisServer::start();
-    let done = creditd(
-        &[
-            "import",
-            "--store",
-            "redis",
-            "--redis-url",
-            &standalone.url(),
-            "--from",
-            &p(&second),
-        ],
-        &[],
-    );
+    let done = data_command("import", Store::Redis(&standalone.url()), &second);
     ok(&done, "import into a standalone redis");
     let via_standalone = root.path().join("standalone.jsonl");
-    let done = creditd(
-        &[
-            "export",
-            "--store",
-            "redis",
-            "--redis-url",
-            &standalone.url(),
-            "--to",
-            &p(&via_standalone),
-        ],
-        &[],
-    );
+    let done = data_command("export", Store::Redis(&standalone.url()), &via_standalone);
     ok(&done, "export of the standalone redis");
     assert_eq!(
         sorted_lines(&via_standalone),
@@ -255,32 +195,10 @@ async fn embedded_to_a_redis_cluster_and_back_keeps_every_line() {
 
     // And back: file → a new embedded store → file: the same lines.
     let back = root.path().join("back");
-    let done = creditd(
-        &[
-            "import",
-            "--store",
-            "embedded",
-            "--data-dir",
-            &p(&back),
-            "--from",
-            &p(&second),
-        ],
-        &[],
-    );
+    let done = data_command("import", Store::Embedded(&back), &second);
     ok(&done, "import back into an embedded store");
     let third = root.path().join("third.jsonl");
-    let done = creditd(
-        &[
-            "export",
-            "--store",
-            "embedded",
-            "--data-dir",
-            &p(&back),
-            "--to",
-            &p(&third),
-        ],
-        &[],
-    );
+    let done = data_command("export", Store::Embedded(&back), &third);
     ok(&done, "export of the new embedded store");
     assert_eq!(sorted_lines(&third), lines, "round-tripped export differs");
 
@@ -342,32 +260,10 @@ async fn embedded_to_a_redis_cluster_and_back_keeps_every_line() {
     let ledger_on_redis = redis_node.client.ledger_all("acme").await;
     assert_eq!(redis_node.terminate().code(), Some(0));
     let fourth = root.path().join("fourth.jsonl");
-    let done = creditd(
-        &[
-            "export",
-            "--store",
-            "redis",
-            "--redis-url",
-            &url,
-            "--to",
-            &p(&fourth),
-        ],
-        &[],
-    );
+    let done = data_command("export", Store::Redis(&url), &fourth);
     ok(&done, "export of the cluster after work on it");
     let again = root.path().join("again");
-    let done = creditd(
-        &[
-            "import",
-            "--store",
-            "embedded",
-            "--data-dir",
-            &p(&again),
-            "--from",
-            &p(&fourth),
-        ],
-        &[],
-    );
+    let done = data_command("import", Store::Embedded(&again), &fourth);
     ok(&done, "import of the cluster's work into an embedded store");
     let node = Process::spawn(&again, &[]).await;
     let c = &node.client;
