@@ -6,6 +6,10 @@
 //!
 //!   cargo bench --bench cached_memory                  # ORGS=100 WORKSPACES=1000
 //!   ORGS=1000 WORKSPACES=1000 cargo bench --bench cached_memory
+//!
+//! With `EXPORT_TO=FILE` it writes the generated orgs as an export instead (the format of
+//! `creditd export`), for `creditd import` into another store: `benches/load/many_accounts.sh`
+//! loads a Redis with it.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -87,6 +91,15 @@ fn main() {
             "imported {orgs} orgs x {workspaces} workspaces in {:.1} s",
             started.elapsed().as_secs_f64()
         );
+        if let Ok(path) = std::env::var("EXPORT_TO") {
+            let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+            creditd::store::export::export(&*store, &mut out)
+                .await
+                .unwrap();
+            std::io::Write::flush(&mut out).unwrap();
+            println!("exported to {path}");
+            return;
+        }
         drop(store);
         // A fresh store and node, as a restarted process would have: what the import built in
         // memory is gone.
