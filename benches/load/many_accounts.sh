@@ -4,7 +4,7 @@
 # redis-server, starts NODES creditd release nodes on it, and runs one wrk per node debiting
 # random workspaces of random orgs. Then it reads each node's /metrics and prints debits
 # allowed, store calls, and store calls per 1,000 debits, and each node's RSS. Loopback only;
-# everything it starts is stopped on exit.
+# everything it starts is stopped on exit; the logs are kept in target/many_accounts/.
 #
 #   benches/load/many_accounts.sh      # ORGS=100 WORKSPACES=1000 NODES=3 DURATION=20s CONNS=16
 #   SKIP_BUILD=1 to reuse target/release/creditd and the bench binary.
@@ -19,9 +19,16 @@ for tool in cargo redis-server redis-cli wrk curl python3; do
 done
 data="$(mktemp -d -t creditd-many.XXXXXX)"
 pids=()
+logs="$repo/target/many_accounts"
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do timeout 30 tail --pid="$p" -f /dev/null 2>/dev/null || true; done
+  # Nodes first (they settle and return their leases on SIGTERM), Redis (pids[0]) last.
+  for p in "${pids[@]:1}" "${pids[0]:-}"; do
+    [ -n "$p" ] || continue
+    kill "$p" 2>/dev/null || true
+    timeout 30 tail --pid="$p" -f /dev/null 2>/dev/null || true
+  done
+  # The nodes' and wrk's logs stay for inspection.
+  mkdir -p "$logs" && cp "$data"/*.log "$logs"/ 2>/dev/null || true
   rm -rf "$data"
 }
 trap cleanup EXIT
