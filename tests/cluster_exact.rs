@@ -20,12 +20,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::cluster::{clients, metric_of, node_id, nodes, spawn_node};
 use common::redis::RedisServer;
+use common::signal;
 use common::{assert_conserved, balance, eventually, workspace, Client, Process};
 use serde_json::{json, Value};
 
-/// Settle interval of every node in these tests.
-const SETTLE: &str = "100ms";
 /// Longest any test's background load runs, whatever happens.
 const LOAD_MAX: Duration = Duration::from_secs(240);
 /// The org of every test.
@@ -33,53 +33,6 @@ const ORG: &str = "acme";
 
 // ---------------------------------------------------------------------------------------------
 // Harness
-
-/// Starts one creditd process with node id `id` on the Redis at `url`.
-async fn spawn_node(url: &str, id: &str, dir: &Path, extra: &[(&str, &str)]) -> Process {
-    let mut env = vec![
-        ("CREDITD_STORE", "redis"),
-        ("CREDITD_REDIS_URL", url),
-        ("CREDITD_NODE_ID", id),
-        ("CREDITD_SETTLE_INTERVAL", SETTLE),
-        ("CREDITD_LEASE_WAIT_MAX", "5s"),
-    ];
-    env.extend_from_slice(extra);
-    Process::spawn(dir, &env).await
-}
-
-/// Starts `n` nodes, `node-0` … `node-{n-1}`, on one Redis.
-async fn nodes(
-    url: &str,
-    n: usize,
-    extra: &[(&str, &str)],
-) -> (Vec<Process>, Vec<tempfile::TempDir>) {
-    let mut procs = Vec::new();
-    let mut dirs = Vec::new();
-    for i in 0..n {
-        let dir = tempfile::tempdir().unwrap();
-        procs.push(spawn_node(url, &node_id(i), dir.path(), extra).await);
-        dirs.push(dir);
-    }
-    (procs, dirs)
-}
-
-fn node_id(i: usize) -> String {
-    format!("node-{i}")
-}
-
-fn clients(procs: &[Process]) -> Vec<Client> {
-    procs.iter().map(|p| p.client.clone()).collect()
-}
-
-/// Sends a signal to a process with `kill` (no libc in the dev-dependencies).
-fn signal(pid: u32, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(sig)
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill {sig} {pid} failed");
-}
 
 /// A creditd process frozen with SIGSTOP (a long GC pause, a VM stall); thawed with SIGCONT
 /// when dropped, so a failing test never leaves a stopped process behind.
@@ -224,10 +177,6 @@ async fn org_view(c: &Client) -> Value {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-async fn metric_of(c: &Client, name: &str) -> f64 {
-    common::metric(&c.metrics_text().await, name)
 }
 
 fn n(v: &Value) -> u64 {

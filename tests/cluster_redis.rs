@@ -9,39 +9,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::cluster::{clients, metric_of, nodes};
 use common::redis::RedisServer;
-use common::{assert_conserved, balance, eventually, Client, Process};
+use common::{assert_conserved, balance, eventually, Client};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// Settle interval of every node in these tests.
-const SETTLE: &str = "100ms";
-
-/// Starts `n` creditd processes on one Redis (`url`), each with its own node id.
-async fn nodes(
-    url: &str,
-    n: usize,
-    extra: &[(&str, &str)],
-) -> (Vec<Process>, Vec<tempfile::TempDir>) {
-    let mut procs = Vec::new();
-    let mut dirs = Vec::new();
-    for i in 0..n {
-        let dir = tempfile::tempdir().unwrap();
-        let id = format!("node-{i}");
-        let mut env = vec![
-            ("CREDITD_STORE", "redis"),
-            ("CREDITD_REDIS_URL", url),
-            ("CREDITD_NODE_ID", id.as_str()),
-            ("CREDITD_SETTLE_INTERVAL", SETTLE),
-            ("CREDITD_LEASE_WAIT_MAX", "5s"),
-        ];
-        env.extend_from_slice(extra);
-        procs.push(Process::spawn(dir.path(), &env).await);
-        dirs.push(dir);
-    }
-    (procs, dirs)
-}
 
 /// Creates a budget-mode org with workspace `ws` holding `budget` credits.
 async fn seed_budget(c: &Client, org: &str, ws: &str, budget: u64) {
@@ -105,10 +78,6 @@ async fn view_with_used(c: &Client, org: &str, want: u64, limit: Duration) -> Va
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn clients(procs: &[Process]) -> Vec<Client> {
-    procs.iter().map(|p| p.client.clone()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -475,11 +444,6 @@ async fn three_nodes_on_a_three_master_redis_cluster_spend_exactly_the_budgets()
         let view = view_with_used(&cs[1], org, 200, Duration::from_secs(20)).await;
         assert_conserved(&view);
     }
-}
-
-/// Reads one metric (summed over its series) from a node.
-async fn metric_of(c: &Client, name: &str) -> f64 {
-    common::metric(&c.get("/metrics").await.text, name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod client;
+pub mod cluster;
 pub mod process;
 pub mod redis;
 pub mod views;

@@ -246,3 +246,13 @@ pub fn run_binary(
     let done = run_bounded(cmd, None, limit, &format!("creditd {args:?}"));
     (done.status, done.stderr)
 }
+
+/// Sends a signal to a process with `kill` (no libc in the dev-dependencies).
+pub fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .arg(sig)
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {sig} {pid} failed");
+}

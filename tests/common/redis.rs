@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use super::process::signal;
+
 /// Longest wait for a server to answer PING after it was started.
 const START_WAIT_MAX: Duration = Duration::from_secs(15);
 /// Longest wait for a new cluster to report `cluster_state:ok` everywhere.
@@ -230,15 +232,6 @@ impl RedisServer {
     pub fn cmd(&self, args: &[&str]) -> redis::Value {
         command(self.port, args).unwrap_or_else(|e| panic!("redis {args:?} failed: {e}"))
     }
-}
-
-fn signal(pid: u32, sig: &str) {
-    let status = Command::new("kill")
-        .arg(sig)
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill {sig} {pid} failed");
 }
 
 impl Drop for RedisServer {
