@@ -8,7 +8,7 @@
 //! counts to the store and tops the leases up.
 
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::model::{OrgId, UsageLine, WorkspaceId};
@@ -56,6 +56,10 @@ pub struct Lease {
     /// before the store may expire it, so the node never spends a lease across a change it
     /// has not seen. [`TERM_FOREVER`] on one node.
     valid_until: AtomicU64,
+    /// Set when a debit was refused from memory (store and other nodes said to have nothing):
+    /// the next batch names the spender, so that the store's answer about it is refreshed. A
+    /// settle answers only the spenders its batch names.
+    refresh: AtomicBool,
 }
 
 /// The answer to a debit or a reservation. A refusal is an answer, not an error.
@@ -91,7 +95,14 @@ impl Lease {
             rate_per_s: AtomicU64::new(0),
             outage_reserve: AtomicU64::new(0),
             valid_until: AtomicU64::new(TERM_FOREVER),
+            refresh: AtomicBool::new(false),
         }
+    }
+
+    /// True (once) when a debit was refused from memory since the last call: the store's
+    /// answer about this spender should be refreshed.
+    pub fn take_refresh(&self) -> bool {
+        self.refresh.load(Ordering::Acquire) && self.refresh.swap(false, Ordering::AcqRel)
     }
 
     /// Sets the end of the lease term ([`clock_ms`], or [`TERM_FOREVER`]).
@@ -235,9 +246,14 @@ impl Lease {
                 // Nothing more anywhere: the outage reserve is the spender's last credits.
                 return Ok(match self.take_outage_reserve(amount) {
                     Some(remaining) => Decision::Allowed { remaining },
-                    None => Decision::Insufficient {
-                        remaining: current.saturating_add(self.outage_reserve()),
-                    },
+                    None => {
+                        if !self.refresh.load(Ordering::Relaxed) {
+                            self.refresh.store(true, Ordering::Release);
+                        }
+                        Decision::Insufficient {
+                            remaining: current.saturating_add(self.outage_reserve()),
+                        }
+                    }
                 });
             }
             match self.credits.compare_exchange_weak(
@@ -347,8 +363,12 @@ impl Account {
         self.lease.add_store_left(back);
     }
 
-    /// Takes the counts since the last collection as one usage line (`None` if idle).
+    /// Takes the counts since the last collection as one usage line (`None` if idle). An
+    /// idle account costs four loads: nothing is written or allocated.
     pub fn collect(&self) -> Option<UsageLine> {
+        if !self.has_unreported() {
+            return None;
+        }
         let line = UsageLine {
             workspace: self.workspace.clone(),
             spender: self.lease.spender.clone(),

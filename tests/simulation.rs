@@ -33,7 +33,7 @@ use tokio::time::Instant;
 
 use creditd::model::{
     Amount, LedgerEvent, Mode, NodeId, OrgId, OrgRecord, PriorLife, SettleBatch, SettleReply,
-    WorkspaceId,
+    SettleView, WorkspaceId,
 };
 use creditd::node::{Decision, LeasePolicy, Node, NodeError, NodeOptions};
 use creditd::store::{
@@ -431,7 +431,7 @@ impl Store for SimStore {
     async fn settle(
         &self,
         batches: &[(OrgId, SettleBatch)],
-    ) -> Vec<Result<(SettleReply, OrgRecord), StoreError>> {
+    ) -> Vec<Result<(SettleReply, SettleView), StoreError>> {
         let batches = batches.to_vec();
         let count = batches.len();
         let result = self
@@ -513,7 +513,7 @@ fn settle_one(
     w: &mut World,
     org: &OrgId,
     batch: &SettleBatch,
-) -> Result<(SettleReply, OrgRecord), StoreError> {
+) -> Result<(SettleReply, SettleView), StoreError> {
     let now = w.now_ms();
     let ttl_ms = LEASE_TTL.as_millis() as u64;
     let record = w.org_mut(org)?;
@@ -554,7 +554,7 @@ fn settle_one(
             batch.want
         )
     });
-    Ok((reply, record))
+    Ok((reply, record.settle_view(batch)))
 }
 
 fn org() -> OrgId {
@@ -1196,7 +1196,11 @@ async fn drain(cluster: &Cluster, world: &Shared) -> Result<(), String> {
         match node.debit(ORG, &name, amount(n)).await {
             Ok(Decision::Allowed { .. }) => node.tick().await,
             Ok(Decision::Insufficient { remaining }) => {
-                // Maybe the lease is smaller than the balance: spend one at a time.
+                // A settle answers only the spenders its batch names: a refusal from memory
+                // names this one in the next batch, and after that settle the node knows what
+                // came back. Maybe also the lease is smaller than the balance: spend one at a
+                // time.
+                node.tick().await;
                 match node.debit(ORG, &name, amount(1)).await {
                     Ok(Decision::Allowed { .. }) => node.tick().await,
                     other => {

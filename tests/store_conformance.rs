@@ -11,7 +11,7 @@ use common::eventually_some;
 use common::redis::{RedisCluster, RedisServer};
 use creditd::model::{
     Amount, LedgerEvent, Mode, NodeId, OrgId, OrgRecord, PriorLife, RuleError, SettleBatch,
-    SettleReply, UsageLine, WorkspaceId, AMOUNT_MAX, CREDITS_MAX,
+    SettleReply, SettleView, UsageLine, WorkspaceId, AMOUNT_MAX, CREDITS_MAX,
 };
 use creditd::store::embedded::{EmbeddedOptions, EmbeddedStore};
 use creditd::store::redis::{RedisOpenError, RedisOptions, RedisStore};
@@ -175,6 +175,37 @@ fn without_clock(mut r: OrgRecord) -> OrgRecord {
     r
 }
 
+/// A settle view with its heartbeats zeroed.
+fn view_without_clock(mut v: SettleView) -> SettleView {
+    v.seen_ms = 0;
+    for s in &mut v.spenders {
+        for other in &mut s.others {
+            other.1 = 0;
+        }
+    }
+    v
+}
+
+/// The org as loaded after a settle answered `reply` and `view`: conserved, of the answered
+/// version, and the view is the model's view of it.
+async fn loaded_after(
+    store: &dyn Store,
+    o: &OrgId,
+    reply: &SettleReply,
+    view: &SettleView,
+    batch: &SettleBatch,
+) -> OrgRecord {
+    let record = store.load_org(o).await.expect("load").expect("the org");
+    assert!(record.is_conserved(), "{record:?}");
+    assert_eq!(reply.version, record.version);
+    assert_eq!(
+        *view,
+        record.settle_view(batch),
+        "the settle's view is the model's"
+    );
+    record
+}
+
 /// A whole ledger as (seq, event), with the cursor of every page read.
 type LedgerRead = (Vec<(u64, LedgerEvent)>, Vec<Option<u64>>);
 
@@ -184,7 +215,8 @@ enum Seen {
     Record(Result<OrgRecord, StoreError>),
     Maybe(Result<Option<OrgRecord>, StoreError>),
     Outcome(Result<ControlOutcome, StoreError>),
-    Settled(Vec<Result<(SettleReply, OrgRecord), StoreError>>),
+    /// Each answer with the org as loaded after it.
+    Settled(Vec<Result<(SettleReply, SettleView, OrgRecord), StoreError>>),
     /// Every ledger entry as (seq, event), read in pages, with the cursors seen.
     Ledger(Result<LedgerRead, StoreError>),
 }
@@ -235,15 +267,17 @@ impl<'a> Run<'a> {
             sent.push((org(o), current(self.store, o, b).await));
         }
         let batches = sent;
-        let r = self.store.settle(&batches).await;
-        for (reply, record) in r.iter().flatten() {
-            assert!(record.is_conserved(), "{record:?}");
-            assert_eq!(reply.version, record.version);
+        let answers = self.store.settle(&batches).await;
+        let mut r = Vec::new();
+        for ((o, batch), answer) in batches.iter().zip(answers) {
+            r.push(match answer {
+                Ok((reply, view)) => {
+                    let record = loaded_after(self.store, o, &reply, &view, batch).await;
+                    Ok((reply, view_without_clock(view), without_clock(record)))
+                }
+                Err(e) => Err(e),
+            });
         }
-        let r = r
-            .into_iter()
-            .map(|r| r.map(|(reply, record)| (reply, without_clock(record))))
-            .collect();
         self.note(
             format!(
                 "settle {:?}",
@@ -417,7 +451,7 @@ async fn scenario(run: &mut Run<'_>, epoch: u64) {
         match &run.seen.last().expect("a step").1 {
             Seen::Settled(r) => r[0]
                 .as_ref()
-                .map(|(_, rec)| rec.nodes[&node("n1")].leases[&ws("main")])
+                .map(|(_, _, rec)| rec.nodes[&node("n1")].leases[&ws("main")])
                 .unwrap_or(0),
             other => panic!("not a settle: {other:?}"),
         }
@@ -494,7 +528,7 @@ async fn conformance(redis: &RedisStore) {
         .collect();
     // Usage beyond what the node held was capped and recorded, not refused.
     let unbacked = a.seen.iter().any(|(_, s)| {
-        matches!(s, Seen::Settled(r) if r.iter().flatten().any(|(reply, _)| reply.unbacked > 0))
+        matches!(s, Seen::Settled(r) if r.iter().flatten().any(|(reply, _, _)| reply.unbacked > 0))
     });
     assert!(unbacked, "the scenario never capped unbacked usage");
     for wanted in [
@@ -555,16 +589,20 @@ async fn ledger_events(store: &dyn Store, o: &str) -> Vec<LedgerEvent> {
         .collect()
 }
 
+/// One batch settled, with the org as loaded after it (see [`loaded_after`]).
 async fn settle_one(
     store: &dyn Store,
     o: &str,
     b: &Batch,
 ) -> Result<(SettleReply, OrgRecord), StoreError> {
-    store
-        .settle(&[(org(o), current(store, o, b).await)])
+    let batch = current(store, o, b).await;
+    let (reply, view) = store
+        .settle(&[(org(o), batch.clone())])
         .await
         .pop()
-        .expect("one answer per batch")
+        .expect("one answer per batch")?;
+    let record = loaded_after(store, &org(o), &reply, &view, &batch).await;
+    Ok((reply, record))
 }
 
 // -------------------------------------------------------------------------------------------

@@ -69,6 +69,32 @@ pub struct SettleReply {
     pub prev_seq: u64,
 }
 
+/// What a settle answers of the org besides its [`SettleReply`]: the settling node as the
+/// store now has it, and each spender the batch names (in its lines, releases or wants) with
+/// what the store has left of it and what other nodes lease of it. Only what the batch
+/// touched: the answer, like the store's work, does not grow with the org.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettleView {
+    /// The settling node's life and last applied seq, as the store has them.
+    pub epoch: u64,
+    pub seq: u64,
+    /// The settling node's heartbeat: the store's clock at its last applied batch.
+    pub seen_ms: u64,
+    /// The spenders the batch names, in byte order.
+    pub spenders: Vec<SpenderView>,
+}
+
+/// One spender in a [`SettleView`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpenderView {
+    pub spender: WorkspaceId,
+    /// Its unleased balance if it spends for itself under the current mode; 0 if it does not
+    /// (it was deleted, or it spends from the Primary now).
+    pub left: u64,
+    /// Other nodes that lease it, in id order: (node, its heartbeat, credits leased).
+    pub others: Vec<(NodeId, u64, u64)>,
+}
+
 /// What happens to what a node held when its life ends without a clean stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PriorLife {
@@ -143,6 +169,48 @@ impl OrgRecord {
             },
             events,
         ))
+    }
+
+    /// What a settle of `batch` answers of this record (after the batch and any expiry):
+    /// see [`SettleView`]. The work is O(spenders named × nodes), whatever the org's size.
+    pub fn settle_view(&self, batch: &SettleBatch) -> SettleView {
+        let mut named: Vec<&WorkspaceId> = batch
+            .lines
+            .iter()
+            .map(|l| &l.spender)
+            .chain(batch.release.iter().map(|(s, _)| s))
+            .chain(batch.want.iter().map(|(s, _)| s))
+            .collect();
+        named.sort_unstable();
+        named.dedup();
+        let own = self.nodes.get(&batch.node);
+        let spenders = named
+            .into_iter()
+            .map(|spender| SpenderView {
+                spender: spender.clone(),
+                left: match self.spender_of(spender) {
+                    Some(s) if s == spender => {
+                        self.workspaces.get(spender).map_or(0, |w| w.balance)
+                    }
+                    _ => 0,
+                },
+                others: self
+                    .nodes
+                    .iter()
+                    .filter(|(id, _)| **id != batch.node)
+                    .filter_map(|(id, n)| {
+                        let leased = n.leases.get(spender).copied().unwrap_or(0);
+                        (leased > 0).then(|| (id.clone(), n.seen_ms, leased))
+                    })
+                    .collect(),
+            })
+            .collect();
+        SettleView {
+            epoch: own.map_or(0, |n| n.epoch),
+            seq: own.map_or(0, |n| n.seq),
+            seen_ms: own.map_or(0, |n| n.seen_ms),
+            spenders,
+        }
     }
 
     /// Exactly once: a batch at or below the node's last seq of the same epoch changes nothing

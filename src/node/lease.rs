@@ -5,7 +5,7 @@
 use super::settle::Wants;
 use super::{LeasePolicy, Node, OrgSlot, OrgState, LEASE_MIN};
 use crate::cache::{Lease, STORE_LEFT_UNKNOWN};
-use crate::model::{OrgRecord, WorkspaceId};
+use crate::model::{SettleView, WorkspaceId};
 
 impl Node {
     /// The leases a batch asks for under `wants`; a recall drains every lease into `release`.
@@ -22,7 +22,9 @@ impl Node {
             Wants::All if recalled => {}
             Wants::All => {
                 for lease in &state.leases {
-                    if lease.store_left() == 0 {
+                    // A dry spender is asked for again only after a refusal: the answer
+                    // refreshes what this node knows of it (and grants what came back).
+                    if lease.store_left() == 0 && !lease.take_refresh() {
                         continue;
                     }
                     let target = self.lease_target(lease);
@@ -107,17 +109,11 @@ impl Node {
     /// The lease term: renewed by an applied batch (the store took it as this node's heartbeat,
     /// at or after `sent_ms`) for the state's own version. A retry's answer says nothing of
     /// when the store last heard from the node.
-    pub(super) fn renew_term(
-        &self,
-        state: &OrgState,
-        record: &OrgRecord,
-        applied: bool,
-        sent_ms: u64,
-    ) {
+    pub(super) fn renew_term(&self, state: &OrgState, version: u64, applied: bool, sent_ms: u64) {
         let Some(term) = self.options.lease_term else {
             return;
         };
-        if record.version != state.version {
+        if version != state.version {
             // The org changed under this state: nothing more is spent from it until it is
             // rebuilt (a debit that finds its term over asks the store, which rebuilds).
             for lease in &state.leases {
@@ -131,41 +127,32 @@ impl Node {
         }
     }
 
-    /// Fills the outage reserves, and records what the store and the other nodes have left
-    /// for each spender: a debit the lease cannot cover is refused from memory only when both
-    /// are zero.
-    pub(super) fn note_store(&self, state: &OrgState, record: &OrgRecord) {
+    /// For each spender the batch named (the answer says nothing of the others): fills its
+    /// outage reserve, and records what the store and the other nodes have left of it. A debit
+    /// the lease cannot cover is refused from memory only when both are zero; such a refusal
+    /// names the spender in the next batch ([`crate::cache::Lease::take_refresh`]), so a
+    /// spender that is not settled is never refused for long on what an old answer said.
+    pub(super) fn note_store(&self, state: &OrgState, view: &SettleView) {
+        // Other nodes' leases count only while those nodes live: a recall cannot bring back
+        // what a dead node holds (its leases expire after lease_ttl, as consumed).
         // The outage reserve is filled first from what was granted (and from the lease).
         if self.options.outage_reserve > 0 {
             for lease in &state.leases {
                 lease.fill_outage_reserve(self.options.outage_reserve);
             }
         }
-        // Other nodes' leases count only while those nodes live: a recall cannot bring back
-        // what a dead node holds (its leases expire after lease_ttl, as consumed).
-        let now_ms = record.nodes.get(&self.node_id).map_or(0, |n| n.seen_ms);
         let alive_ms = 2 * self.options.heartbeat_interval.as_millis() as u64;
-        let others = |spender: &WorkspaceId| -> u64 {
-            record
-                .nodes
-                .iter()
-                .filter(|(id, n)| {
-                    **id != self.node_id && now_ms.saturating_sub(n.seen_ms) <= alive_ms
-                })
-                .filter_map(|(_, n)| n.leases.get(spender))
-                .sum()
-        };
-        for lease in &state.leases {
-            let left = if record.spender_of(&lease.spender) == Some(&lease.spender) {
-                record
-                    .workspaces
-                    .get(&lease.spender)
-                    .map_or(0, |w| w.balance)
-            } else {
-                0
+        for named in &view.spenders {
+            let Some(lease) = state.lease(&named.spender) else {
+                continue;
             };
-            lease.set_others(others(&lease.spender));
-            lease.set_store_left(left);
+            let others = named
+                .others
+                .iter()
+                .filter(|(_, seen_ms, _)| view.seen_ms.saturating_sub(*seen_ms) <= alive_ms)
+                .fold(0u64, |sum, (_, _, n)| sum.saturating_add(*n));
+            lease.set_others(others);
+            lease.set_store_left(named.left);
         }
     }
 }

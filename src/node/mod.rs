@@ -207,6 +207,8 @@ impl OrgState {
                 lease.set_valid_until(0);
             }
         }
+        // In spender order, for `lease`.
+        leases.sort_unstable_by(|a, b| a.spender.cmp(&b.spender));
         OrgState {
             mode: record.mode,
             version: record.version,
@@ -215,8 +217,13 @@ impl OrgState {
         }
     }
 
+    /// The lease of `spender`: a binary search, since a settle answer names spenders one by
+    /// one and an org may have many.
     pub fn lease(&self, spender: &WorkspaceId) -> Option<&Arc<Lease>> {
-        self.leases.iter().find(|p| p.spender == *spender)
+        self.leases
+            .binary_search_by(|p| p.spender.cmp(spender))
+            .ok()
+            .map(|i| &self.leases[i])
     }
 }
 

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::{Node, NodeError, OrgSlot, OrgState, SettleStream};
 use crate::cache::{clock_ms, STORE_LEFT_UNKNOWN};
 use crate::metrics as m;
-use crate::model::{OrgId, OrgRecord, SettleBatch, SettleReply, UsageLine, WorkspaceId};
+use crate::model::{OrgId, SettleBatch, SettleReply, SettleView, UsageLine, WorkspaceId};
 
 /// What a settle asks of the store besides reporting usage.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,9 +104,9 @@ impl Node {
         let mut failed = Vec::new();
         for (i, result) in indices.into_iter().zip(self.send(&calls).await) {
             match result {
-                Ok((reply, record)) => {
+                Ok((reply, view)) => {
                     set_pending(&slots[i], streams[i], None);
-                    self.apply_reply(&slots[i], streams[i], &reply, &record, sent_ms);
+                    self.apply_reply(&slots[i], streams[i], &reply, &view, sent_ms);
                 }
                 Err(e) => {
                     drop_if_refused(&slots[i], streams[i], &e);
@@ -121,7 +121,7 @@ impl Node {
     async fn send(
         &self,
         batches: &[(OrgId, SettleBatch)],
-    ) -> Vec<Result<(SettleReply, OrgRecord), NodeError>> {
+    ) -> Vec<Result<(SettleReply, SettleView), NodeError>> {
         let started = Instant::now();
         m::store_call("settle");
         let results = self.store.settle(batches).await;
@@ -197,10 +197,9 @@ impl Node {
         slot: &OrgSlot,
         stream: &mut SettleStream,
         reply: &SettleReply,
-        record: &OrgRecord,
+        view: &SettleView,
         sent_ms: u64,
     ) {
-        debug_assert!(record.is_conserved());
         if reply.unbacked > 0 {
             metrics::counter!(m::USAGE_UNBACKED).increment(reply.unbacked);
             tracing::warn!(org = %slot.org, credits = reply.unbacked, "usage reported that no lease of this node backed in the store (already counted as lease_expired): recorded as usage_unbacked, not charged again");
@@ -217,10 +216,8 @@ impl Node {
             return;
         }
         stream.acked_seq = stream.acked_seq.max(reply.prev_seq);
-        if let Some(share) = record.nodes.get(&self.node_id) {
-            if share.epoch == self.epoch() {
-                stream.acked_seq = stream.acked_seq.max(share.seq);
-            }
+        if view.epoch == self.epoch() {
+            stream.acked_seq = stream.acked_seq.max(view.seq);
         }
         if reply.expired {
             // This node was silent past lease_ttl: another node closed its leases and
@@ -231,13 +228,13 @@ impl Node {
         }
         let state = slot.current();
         self.take_grants(slot, &state, &reply.grants);
-        self.renew_term(&state, record, reply.applied, sent_ms);
-        self.note_store(&state, record);
+        self.renew_term(&state, reply.version, reply.applied, sent_ms);
+        self.note_store(&state, view);
         // Another version means the org changed (or the store forgot a change): rebuild. The
         // store's answer also outranks notices of versions it no longer has.
-        slot.seen_version.store(record.version, Ordering::Release);
+        slot.seen_version.store(reply.version, Ordering::Release);
         slot.notified_version
-            .fetch_min(record.version, Ordering::AcqRel);
+            .fetch_min(reply.version, Ordering::AcqRel);
     }
 
     /// Drops, without giving them back, every lease and reservation this node holds of the
@@ -288,15 +285,16 @@ pub(super) fn add_release(release: &mut Vec<(WorkspaceId, u64)>, spender: &Works
     }
 }
 
-/// Spending rates, for lease sizes: what each lease paid for since the last batch.
+/// Spending rates, for lease sizes: what each lease paid for since the last batch (one pass
+/// over the lines, one over the leases).
 fn observe_rates(state: &OrgState, lines: &[UsageLine], elapsed: Duration) {
+    let mut spent: std::collections::HashMap<&WorkspaceId, u64> = std::collections::HashMap::new();
+    for l in lines {
+        let n = spent.entry(&l.spender).or_default();
+        *n = n.saturating_add(l.consumed.saturating_add(l.reserved));
+    }
     for lease in &state.leases {
-        let spent: u64 = lines
-            .iter()
-            .filter(|l| l.spender == lease.spender)
-            .map(|l| l.consumed.saturating_add(l.reserved))
-            .sum();
-        lease.observe_spending(spent, elapsed);
+        lease.observe_spending(spent.get(&lease.spender).copied().unwrap_or(0), elapsed);
     }
 }
 

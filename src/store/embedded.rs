@@ -39,7 +39,8 @@ use super::{
     Notice, Store, StoreError,
 };
 use crate::model::{
-    LedgerEvent, Mode, NodeId, OrgId, OrgRecord, PriorLife, SettleBatch, SettleReply, WorkspaceId,
+    LedgerEvent, Mode, NodeId, OrgId, OrgRecord, PriorLife, SettleBatch, SettleReply, SettleView,
+    WorkspaceId,
 };
 
 const ORGS: TableDefinition<&str, &[u8]> = TableDefinition::new("orgs");
@@ -811,7 +812,7 @@ impl Store for EmbeddedStore {
     async fn settle(
         &self,
         batches: &[(OrgId, SettleBatch)],
-    ) -> Vec<Result<(SettleReply, OrgRecord), StoreError>> {
+    ) -> Vec<Result<(SettleReply, SettleView), StoreError>> {
         let batches = batches.to_vec();
         let count = batches.len();
         let result = self
@@ -832,7 +833,7 @@ impl Store for EmbeddedStore {
                     {
                         Ok((reply, events)) => {
                             let applied = reply.applied;
-                            answers.push(Ok((reply, next.record.clone())));
+                            answers.push(Ok((reply, next.record.settle_view(batch))));
                             // A retried batch changes nothing. An applied one is written, a
                             // bare heartbeat too: its sequence number is what the next reply
                             // answers as `prev_seq`, and a node takes a lower one for a store

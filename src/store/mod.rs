@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{
     Amount, LedgerEvent, Mode, NodeId, OrgId, OrgRecord, OrgView, RuleError, SettleBatch,
-    SettleReply, WorkspaceId,
+    SettleReply, SettleView, WorkspaceId,
 };
 
 /// A control-plane change to one org. Each is applied atomically and durably.
@@ -217,11 +217,12 @@ pub trait Store: Send + Sync + 'static {
         key: Option<&IdempotencyKey>,
     ) -> Result<ControlOutcome, StoreError>;
 
-    /// Applies settle batches, one per org; each is atomic on its own and answered in order.
+    /// Applies settle batches, one per org; each is atomic on its own and answered in order,
+    /// with what the batch touched of the org ([`OrgRecord::settle_view`]), never the whole org.
     async fn settle(
         &self,
         batches: &[(OrgId, SettleBatch)],
-    ) -> Vec<Result<(SettleReply, OrgRecord), StoreError>>;
+    ) -> Vec<Result<(SettleReply, SettleView), StoreError>>;
 
     /// Reads a page of an org's ledger: entries with `seq > after`, at most `limit`.
     async fn ledger(&self, org: &OrgId, after: u64, limit: usize)

@@ -155,7 +155,6 @@ local function load_state(prefix)
     dirty_ws = {},
     dirty_nodes = {},
     changed = false,
-    ledger_len = redis.call('LLEN', prefix .. 'ledger'),
   }
   if st.mode ~= 'shared' and st.mode ~= 'budget' then
     refuse('corrupt', 'mode is ' .. tostring(st.mode))
@@ -289,6 +288,65 @@ local function call_chunked(command, key, items)
   end
 end
 
+-- A node's header fields: every other field of its hash is a holding (l:, h:, f:).
+local NODE_HEADER = { 'epoch', 'seq', 'seen_ms', 'grants', 'expired', 'last_expired',
+  'last_prev_seq' }
+
+-- The header fields of a node's share, as HSET arguments.
+local function header_fields(s)
+  local grants = {}
+  for _, g in ipairs(s.grants) do
+    grants[#grants + 1] = g[1] .. ' ' .. fmt(g[2])
+  end
+  return { 'epoch', fmt(s.epoch), 'seq', fmt(s.seq), 'seen_ms', fmt(s.seen),
+    'grants', table.concat(grants, ' '), 'expired', s.expired and '1' or '0',
+    'last_expired', s.last_expired and '1' or '0', 'last_prev_seq', fmt(s.last_prev_seq) }
+end
+
+-- Writes a node's whole share (header and every holding above zero) over its hash.
+local function write_node(prefix, id, s)
+  local key = prefix .. 'node:' .. id
+  local fields = header_fields(s)
+  for ws, n in pairs(s.leases) do
+    if n > 0 then
+      fields[#fields + 1] = 'l:' .. ws; fields[#fields + 1] = fmt(n)
+    end
+  end
+  for ws, n in pairs(s.held) do
+    if n > 0 then
+      fields[#fields + 1] = 'h:' .. ws; fields[#fields + 1] = fmt(n)
+    end
+  end
+  for spender, n in pairs(s.held_from) do
+    if n > 0 then
+      fields[#fields + 1] = 'f:' .. spender; fields[#fields + 1] = fmt(n)
+    end
+  end
+  redis.call('DEL', key)
+  call_chunked('HSET', key, fields)
+  redis.call('SADD', prefix .. 'nodes', id)
+end
+
+-- Appends ledger entries (JSON members after seq and at_ms, see `ev`) with the next seqs.
+local function append_ledger(prefix, events, at_ms)
+  if #events == 0 then
+    return
+  end
+  local base = redis.call('LLEN', prefix .. 'ledger')
+  local entries = {}
+  for i, e in ipairs(events) do
+    entries[#entries + 1] = '{"seq":' .. fmt(base + i) .. ',"at_ms":' .. fmt(at_ms)
+      .. ',' .. e .. '}'
+  end
+  for i = 1, #entries, CHUNK do
+    local part = {}
+    for j = i, math.min(i + CHUNK - 1, #entries) do
+      part[#part + 1] = entries[j]
+    end
+    redis.call('RPUSH', prefix .. 'ledger', unpack(part))
+  end
+end
+
 -- Writes what changed (st.changed, st.dirty_ws, st.dirty_nodes) and appends the ledger
 -- entries. Ledger entries are JSON built here, numbers written with fmt(); ids need no
 -- escaping (their characters are A-Z a-z 0-9 . _ : -).
@@ -318,46 +376,9 @@ local function save(st, events, at_ms)
     redis.call('HDEL', prefix .. 'used', unpack(part))
   end
   for id in pairs(st.dirty_nodes) do
-    local s = st.nodes[id]
-    local key = prefix .. 'node:' .. id
-    local grants = {}
-    for _, g in ipairs(s.grants) do
-      grants[#grants + 1] = g[1] .. ' ' .. fmt(g[2])
-    end
-    local fields = { 'epoch', fmt(s.epoch), 'seq', fmt(s.seq), 'seen_ms', fmt(s.seen),
-      'grants', table.concat(grants, ' '), 'expired', s.expired and '1' or '0',
-      'last_expired', s.last_expired and '1' or '0', 'last_prev_seq', fmt(s.last_prev_seq) }
-    for ws, n in pairs(s.leases) do
-      if n > 0 then
-        fields[#fields + 1] = 'l:' .. ws; fields[#fields + 1] = fmt(n)
-      end
-    end
-    for ws, n in pairs(s.held) do
-      if n > 0 then
-        fields[#fields + 1] = 'h:' .. ws; fields[#fields + 1] = fmt(n)
-      end
-    end
-    for spender, n in pairs(s.held_from) do
-      if n > 0 then
-        fields[#fields + 1] = 'f:' .. spender; fields[#fields + 1] = fmt(n)
-      end
-    end
-    redis.call('DEL', key)
-    call_chunked('HSET', key, fields)
-    redis.call('SADD', prefix .. 'nodes', id)
+    write_node(prefix, id, st.nodes[id])
   end
-  local entries = {}
-  for i, e in ipairs(events) do
-    entries[#entries + 1] = '{"seq":' .. fmt(st.ledger_len + i) .. ',"at_ms":' .. fmt(at_ms)
-      .. ',' .. e .. '}'
-  end
-  for i = 1, #entries, CHUNK do
-    local part = {}
-    for j = i, math.min(i + CHUNK - 1, #entries) do
-      part[#part + 1] = entries[j]
-    end
-    redis.call('RPUSH', prefix .. 'ledger', unpack(part))
-  end
+  append_ledger(prefix, events, at_ms)
 end
 
 -- Ledger events: the JSON members after seq and at_ms (LedgerEvent, tagged by "kind").

@@ -87,7 +87,9 @@ use super::{
     ControlOp, ControlOutcome, IdempotencyKey, LedgerEntry, LedgerPage, NodeStart, Notice, Store,
     StoreError,
 };
-use crate::model::{Mode, NodeId, OrgId, OrgRecord, SettleBatch, SettleReply, WorkspaceId};
+use crate::model::{
+    Mode, NodeId, OrgId, OrgRecord, SettleBatch, SettleReply, SettleView, WorkspaceId,
+};
 
 /// Settle entries (lines, releases and wants) per workspace an org may have: a line per
 /// account of the current state and of a retired one, a release and a want per spender.
@@ -367,7 +369,7 @@ impl RedisStore {
         &self,
         org: &OrgId,
         batch: &SettleBatch,
-    ) -> Result<(SettleReply, OrgRecord), StoreError> {
+    ) -> Result<(SettleReply, SettleView), StoreError> {
         let entries = batch.lines.len() + batch.release.len() + batch.want.len();
         let max = self.inner.options.settle_entries_max;
         if entries > max {
@@ -392,17 +394,17 @@ impl RedisStore {
         let unbacked = t.u64()?;
         let prev_seq = t.u64()?;
         let grants = t.pairs()?;
-        let record = t.record(org)?;
+        let (version, view) = t.settle_view()?;
         Ok((
             SettleReply {
                 applied,
                 grants,
-                version: record.version,
+                version,
                 expired,
                 unbacked,
                 prev_seq,
             },
-            record,
+            view,
         ))
     }
 }
@@ -511,7 +513,7 @@ impl Store for RedisStore {
     async fn settle(
         &self,
         batches: &[(OrgId, SettleBatch)],
-    ) -> Vec<Result<(SettleReply, OrgRecord), StoreError>> {
+    ) -> Vec<Result<(SettleReply, SettleView), StoreError>> {
         futures::future::join_all(
             batches
                 .iter()

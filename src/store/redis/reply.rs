@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use crate::model::{
-    Mode, NodeId, NodeShare, OrgId, OrgRecord, RuleError, WorkspaceId, WorkspaceRecord,
+    Mode, NodeId, NodeShare, OrgId, OrgRecord, RuleError, SettleView, SpenderView, WorkspaceId,
+    WorkspaceRecord,
 };
 use crate::store::StoreError;
 
@@ -90,6 +91,43 @@ impl<'a> Tokens<'a> {
 
     fn map(&mut self) -> Result<BTreeMap<WorkspaceId, u64>, StoreError> {
         Ok(self.pairs()?.into_iter().collect())
+    }
+
+    /// A settle's view (settle.lua's reply after its grants), which must be the rest of the
+    /// reply: the org's version, then the view.
+    pub fn settle_view(&mut self) -> Result<(u64, SettleView), StoreError> {
+        let version = self.u64()?;
+        let epoch = self.u64()?;
+        let seq = self.u64()?;
+        let seen_ms = self.u64()?;
+        let mut spenders = Vec::new();
+        for _ in 0..self.count(3)? {
+            let spender = self.workspace()?;
+            let left = self.u64()?;
+            let mut others = Vec::new();
+            for _ in 0..self.count(3)? {
+                let node = self.node()?;
+                let seen = self.u64()?;
+                others.push((node, seen, self.u64()?));
+            }
+            spenders.push(SpenderView {
+                spender,
+                left,
+                others,
+            });
+        }
+        if self.pos != self.items.len() {
+            return Err(self.bad("tokens left after the settle view"));
+        }
+        Ok((
+            version,
+            SettleView {
+                epoch,
+                seq,
+                seen_ms,
+                spenders,
+            },
+        ))
     }
 
     /// The org's whole state, which must be the rest of the reply, for org `org`, conserved.

@@ -1,5 +1,6 @@
 -- settle.lua: applies one node's settle batch to one org, exactly once, then closes the
--- leases of other nodes of the org that stopped settling.
+-- leases of other nodes of the org that stopped settling. It reads and writes only what the
+-- batch touches, never the whole org.
 --
 -- KEYS: 1 creditd:{org}:meta, 2 creditd:{org}:bal, 3 creditd:{org}:used,
 --       4 creditd:{org}:nodes, 5 creditd:{org}:ledger
@@ -11,23 +12,31 @@
 --       then R = number of releases, then R times: spender, amount;
 --       then W = number of wants, then W times: spender, amount.
 -- Reply: {'ok', applied (1 | 0), expired (1 | 0), unbacked, prev_seq, G,
---         G times (spender, granted), state...} (state_tokens),
+--         G times (spender, granted), version, epoch, seq, seen_ms, S,
+--         S times (spender, left, K, K times (node, seen_ms, leased))} (SettleView: the
+--        spenders the batch names, in byte order; other nodes leasing each, in id order),
 --        or {'err', code, ...}: unknown_org, stale_epoch batch current, batch_refused why,
 --        overflow, invalid why, corrupt why. A refusal writes nothing.
 -- Invariant: OrgRecord::settle with PriorLife::CountAsConsumed, then
 --   OrgRecord::expire_nodes(now, lease_ttl_ms, node), now from the server's TIME (never a
---   node's clock). The functions below mirror the model's by name and order: settle_lines
---   (lines_exact, else lines_capped), settle_releases, grant. Exactly once per (node, epoch,
---   seq): a batch at or below the node's last seq of the same epoch changes nothing and is
---   answered with the grants (and expired flag) of that seq (none for a lower seq); a lower
---   epoch is refused; a higher epoch first closes the previous life (its leases and
---   reservations count as consumed, `lease_expired`). Grants only to a batch of the org's
---   current version. Usage no lease or reservation of the node backs is recorded as
---   `usage_unbacked`, never charged twice, never refused. Conservation holds before and
---   after; a lease or reservation never goes negative; nothing exceeds 2^53-1.
--- Work: a batch has at most one line per account and one release and want per spender of the
---   org (the store refuses longer batches before sending them), so the script does
---   O(workspaces + nodes' leases) work, like reading the state it answers.
+--   node's clock), answered with OrgRecord::settle_view. The functions below mirror the
+--   model's by name and order: settle_lines (lines_exact, else lines_capped),
+--   settle_releases, grant. Exactly once per (node, epoch, seq): a batch at or below the
+--   node's last seq of the same epoch changes nothing and is answered with the grants (and
+--   expired flag) of that seq (none for a lower seq); a lower epoch is refused; a higher epoch
+--   first closes the previous life (its leases and reservations count as consumed,
+--   `lease_expired`). Grants only to a batch of the current version. Usage no lease or
+--   reservation of the node backs is recorded as `usage_unbacked`, never charged twice,
+--   never refused. A lease or reservation never goes negative; nothing exceeds 2^53-1.
+--   Conservation: the script checks that what it changed adds up to zero (every credit it
+--   moved left one counter for another), which keeps a conserved org conserved; the
+--   control-plane scripts check the whole org.
+-- Work: O(batch entries + nodes of the org × spenders the batch names), whatever the number
+--   of workspaces: the settling node's holdings are read field by field (all of them only to
+--   close a previous life), other nodes' by their header and size (all of them only to
+--   close an expired node). A batch has at most one line per account and one release and
+--   want per spender (the store refuses longer batches before sending them).
+
 -- The batch's arguments, every one checked before anything is read.
 local function parse_batch()
   local b = {
@@ -87,6 +96,169 @@ local function parse_batch()
   return b
 end
 
+-- The spenders the batch names (lines, releases, wants), in byte order: what the answer
+-- tells the node about.
+local function named_spenders(b)
+  local set = {}
+  for _, l in ipairs(b.lines) do set[l.spender] = true end
+  for _, r in ipairs(b.releases) do set[r[1]] = true end
+  for _, w in ipairs(b.wants) do set[w[1]] = true end
+  return sorted_keys(set)
+end
+
+-- The org's header, or nil if the org does not exist. Workspaces are read on demand
+-- (load_workspaces), nodes one by one.
+local function load_header(prefix)
+  local m = redis.call('HMGET', prefix .. 'meta', 'org', 'mode', 'primary', 'used_deleted',
+    'version')
+  if not m[1] then
+    return nil
+  end
+  local st = {
+    prefix = prefix,
+    org = m[1],
+    mode = m[2],
+    primary = m[3],
+    used_deleted = counter(m[4], 'used_deleted'),
+    version = counter(m[5], 'version'),
+    ws = {},
+    nodes = {},
+    dirty_ws = {},
+    dirty_nodes = {},
+    changed = false,
+  }
+  if st.mode ~= 'shared' and st.mode ~= 'budget' then
+    refuse('corrupt', 'mode is ' .. tostring(st.mode))
+  end
+  return st
+end
+
+-- Reads the balance and usage of each workspace of `names` not read yet; a workspace without
+-- a balance does not exist. The Primary must exist.
+local function load_workspaces(st, names)
+  local want = {}
+  for name in pairs(names) do
+    if st.ws[name] == nil then
+      want[#want + 1] = name
+    end
+  end
+  if #want == 0 then
+    return
+  end
+  local bal = redis.call('HMGET', st.prefix .. 'bal', unpack(want))
+  local used = redis.call('HMGET', st.prefix .. 'used', unpack(want))
+  for i, name in ipairs(want) do
+    if bal[i] then
+      st.ws[name] = {
+        balance = counter(bal[i], 'balance of ' .. name),
+        used = counter(used[i], 'used of ' .. name),
+      }
+    end
+  end
+end
+
+-- A node's header (epoch, seq, seen, grants, flags) and `holds`, the number of its holding
+-- fields, from the size of its hash: or nil if the node never settled the org. Holdings are
+-- read later, only those needed (load_fields) or all of them (load_holdings).
+local function load_node(prefix, id)
+  local key = prefix .. 'node:' .. id
+  local h = redis.call('HMGET', key, unpack(NODE_HEADER))
+  local present = 0
+  for i = 1, #NODE_HEADER do
+    if h[i] then present = present + 1 end
+  end
+  local size = redis.call('HLEN', key)
+  if size == 0 then
+    return nil
+  end
+  local share = {
+    epoch = counter(h[1], 'epoch of node ' .. id),
+    seq = counter(h[2], 'seq of node ' .. id),
+    seen = counter(h[3], 'seen_ms of node ' .. id),
+    grants = {},
+    expired = h[5] == '1',
+    last_expired = h[6] == '1',
+    last_prev_seq = counter(h[7] or '0', 'last_prev_seq of node ' .. id),
+    holds = size - present,
+    leases = {},
+    held = {},
+    held_from = {},
+    full = false,
+  }
+  for ws, n in string.gmatch(h[4] or '', '(%S+) (%d+)') do
+    share.grants[#share.grants + 1] = { ws, counter(n, 'grant of node ' .. id) }
+  end
+  return share
+end
+
+local KINDS = { l = 'leases', h = 'held', f = 'held_from' }
+
+-- Reads every holding of a node (to close its life): the share becomes `full`, and is
+-- written back whole.
+local function load_holdings(prefix, id, share)
+  for field, value in pairs(hgetall_map(prefix .. 'node:' .. id)) do
+    local kind, ws = string.match(field, '^([lhf]):(.+)$')
+    if kind then
+      share[KINDS[kind]][ws] = counter(value, 'holding ' .. field .. ' of node ' .. id)
+    end
+  end
+  share.full = true
+end
+
+-- Reads the holdings `fields` ({kind letter, workspace} pairs) of a node; a missing one is 0.
+-- Returns the list, which names the fields to write back.
+local function load_fields(prefix, id, share, fields)
+  if #fields == 0 then
+    return fields
+  end
+  local names = {}
+  for i, f in ipairs(fields) do
+    names[i] = f[1] .. ':' .. f[2]
+  end
+  local values = redis.call('HMGET', prefix .. 'node:' .. id, unpack(names))
+  for i, f in ipairs(fields) do
+    share[KINDS[f[1]]][f[2]] = values[i] and counter(values[i], 'holding ' .. names[i]) or 0
+  end
+  return fields
+end
+
+-- The holdings a batch can change: per line the spender's lease and reservations and the
+-- workspace's reservations; the lease of each release and want.
+local function batch_fields(b)
+  local seen, fields = {}, {}
+  local function add(kind, ws)
+    local name = kind .. ':' .. ws
+    if not seen[name] then
+      seen[name] = true
+      fields[#fields + 1] = { kind, ws }
+    end
+  end
+  for _, l in ipairs(b.lines) do
+    add('l', l.spender); add('h', l.ws); add('f', l.spender)
+  end
+  for _, r in ipairs(b.releases) do add('l', r[1]) end
+  for _, w in ipairs(b.wants) do add('l', w[1]) end
+  return fields
+end
+
+-- What the loaded part of the org holds: (balances + used + leases + held, held - held_from).
+-- Taken before and after the batch: a batch only moves credits, so both must not change.
+local function loaded_totals(st)
+  local total, skew = st.used_deleted, 0
+  for _, w in pairs(st.ws) do
+    total = total + w.balance + w.used
+  end
+  for _, share in pairs(st.nodes) do
+    for _, n in pairs(share.leases) do total = total + n end
+    for _, n in pairs(share.held) do
+      total = total + n
+      skew = skew + n
+    end
+    for _, n in pairs(share.held_from) do skew = skew - n end
+  end
+  return total, skew
+end
+
 -- The reply's head: {'ok', applied, expired, unbacked, prev_seq, G, G times (spender, granted)}.
 local function reply_head(applied, expired, unbacked, prev_seq, grants)
   local reply = { 'ok', applied and '1' or '0', expired and '1' or '0', fmt(unbacked),
@@ -94,6 +266,47 @@ local function reply_head(applied, expired, unbacked, prev_seq, grants)
   for _, g in ipairs(grants) do
     reply[#reply + 1] = g[1]
     reply[#reply + 1] = fmt(g[2])
+  end
+  return reply
+end
+
+-- OrgRecord::settle_view, appended to `reply`: the version, the settling node's life, and for
+-- each named spender what the store has left of it and which other nodes lease it. `others`
+-- are the other nodes' shares by id (headers; holdings read here, one HMGET per node).
+local function settle_view(st, node, share, named, others, reply)
+  local function push(v) reply[#reply + 1] = v end
+  push(fmt(st.version))
+  push(fmt(share and share.epoch or 0)); push(fmt(share and share.seq or 0))
+  push(fmt(share and share.seen or 0))
+  local leasing = {}
+  if #named > 0 then
+    local fields = {}
+    for i, s in ipairs(named) do fields[i] = 'l:' .. s end
+    for _, id in ipairs(sorted_keys(others)) do
+      local other = others[id]
+      if other.holds > 0 then
+        local values = redis.call('HMGET', st.prefix .. 'node:' .. id, unpack(fields))
+        for i, s in ipairs(named) do
+          local n = values[i] and counter(values[i], 'lease of node ' .. id) or 0
+          if n > 0 then
+            leasing[s] = leasing[s] or {}
+            local l = leasing[s]
+            l[#l + 1] = { id, other.seen, n }
+          end
+        end
+      end
+    end
+  end
+  push(tostring(#named))
+  for _, s in ipairs(named) do
+    local w = st.ws[s]
+    push(s)
+    push(fmt((spender_of(st, s) == s and w) and w.balance or 0))
+    local l = leasing[s] or {}
+    push(tostring(#l))
+    for _, o in ipairs(l) do
+      push(o[1]); push(fmt(o[2])); push(fmt(o[3]))
+    end
   end
   return reply
 end
@@ -243,25 +456,83 @@ local function grant(st, share, version, wants)
   return grants
 end
 
--- Drops the node's entries that reached zero.
-local function drop_zeros(share)
-  for _, map in ipairs({ share.leases, share.held, share.held_from }) do
-    for k, n in pairs(map) do
-      if n <= 0 then map[k] = nil end
+-- OrgRecord::expire_nodes, part one: the other nodes silent for longer than lease_ttl that
+-- still hold something, in id order. Their holdings are read whole (to be closed).
+local function silent_nodes(st, node, others, now, ttl_ms)
+  local silent = {}
+  for _, id in ipairs(sorted_keys(others)) do
+    local other = others[id]
+    if id ~= node and other.holds > 0 and now - other.seen > ttl_ms then
+      load_holdings(st.prefix, id, other)
+      st.nodes[id] = other
+      silent[#silent + 1] = id
     end
+  end
+  return silent
+end
+
+-- OrgRecord::expire_nodes, part two: what the silent nodes held counts as consumed.
+local function expire_nodes(st, silent, events)
+  for _, id in ipairs(silent) do
+    close_node(st, id, events)
+    st.nodes[id].expired = true
   end
 end
 
--- OrgRecord::expire_nodes: other nodes silent for longer than lease_ttl; what they hold counts
--- as consumed, in id order.
-local function expire_nodes(st, node, now, ttl_ms, events)
-  for _, id in ipairs(sorted_keys(st.nodes)) do
-    local other = st.nodes[id]
-    if id ~= node and not is_empty(other) and now - other.seen > ttl_ms then
-      close_node(st, id, events)
-      other.expired = true
+-- Workspaces whose counters the batch and the closes may change.
+local function touched_workspaces(st, b, closing)
+  local names = { [st.primary] = true }
+  for _, l in ipairs(b.lines) do
+    names[l.ws] = true; names[l.spender] = true
+  end
+  for _, r in ipairs(b.releases) do names[r[1]] = true end
+  for _, w in ipairs(b.wants) do names[w[1]] = true end
+  for _, share in ipairs(closing) do
+    for _, map in ipairs({ share.leases, share.held }) do
+      for ws in pairs(map) do names[ws] = true end
     end
   end
+  return names
+end
+
+-- Writes what changed: workspace counters, used_deleted, the settling node (field by field,
+-- or whole after a new life), closed nodes (whole), and the ledger.
+local function save_settle(st, node, share, fields, events, now)
+  local prefix = st.prefix
+  local set_bal, set_used = {}, {}
+  for name in pairs(st.dirty_ws) do
+    local w = st.ws[name]
+    set_bal[#set_bal + 1] = name; set_bal[#set_bal + 1] = fmt(w.balance)
+    set_used[#set_used + 1] = name; set_used[#set_used + 1] = fmt(w.used)
+  end
+  call_chunked('HSET', prefix .. 'bal', set_bal)
+  call_chunked('HSET', prefix .. 'used', set_used)
+  redis.call('HSET', prefix .. 'meta', 'used_deleted', fmt(st.used_deleted))
+  for id, s in pairs(st.nodes) do
+    if id ~= node then
+      write_node(prefix, id, s)
+    end
+  end
+  if share.full then
+    write_node(prefix, node, share)
+  else
+    local key = prefix .. 'node:' .. node
+    local set, gone = header_fields(share), {}
+    for _, f in ipairs(fields) do
+      local n = share[KINDS[f[1]]][f[2]] or 0
+      if n > 0 then
+        set[#set + 1] = f[1] .. ':' .. f[2]; set[#set + 1] = fmt(n)
+      else
+        gone[#gone + 1] = f[1] .. ':' .. f[2]
+      end
+    end
+    call_chunked('HSET', key, set)
+    for i = 1, #gone, CHUNK do
+      redis.call('HDEL', key, unpack(gone, i, math.min(i + CHUNK - 1, #gone)))
+    end
+    redis.call('SADD', prefix .. 'nodes', node)
+  end
+  append_ledger(prefix, events, now)
 end
 
 return run(function()
@@ -270,37 +541,58 @@ return run(function()
   check_keys(prefix, { 'meta', 'bal', 'used', 'nodes', 'ledger' })
   local b = parse_batch()
 
-  local st = load_state(prefix)
+  local st = load_header(prefix)
   if st == nil then
     refuse('unknown_org')
   end
   local now = now_ms()
-  check_conserved(st)
+  local named = named_spenders(b)
+  local others = {}
+  for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'nodes')) do
+    if id ~= b.node then
+      others[id] = load_node(prefix, id)
+    end
+  end
+  local share = load_node(prefix, b.node)
 
   -- Exactly once.
-  local share = st.nodes[b.node]
   if share ~= nil then
     if b.epoch < share.epoch then
       refuse('stale_epoch', fmt(b.epoch), fmt(share.epoch))
     end
     if b.epoch == share.epoch and b.seq <= share.seq then
-      return state_tokens(st, replay(share, b.seq))
+      load_workspaces(st, touched_workspaces(st, b, {}))
+      return settle_view(st, b.node, share, named, others, replay(share, b.seq))
     end
   end
 
-  local events = {}
+  -- Read what the batch and the closes can change, then check it adds up after.
+  local new_life = share ~= nil and share.epoch < b.epoch
   local prev_seq = 0
   if share ~= nil and share.epoch == b.epoch then
     prev_seq = share.seq
   end
-  local new_life = share ~= nil and share.epoch < b.epoch
-  if new_life then
-    close_node(st, b.node, events)
-  end
   if share == nil then
     share = { epoch = 0, seq = 0, seen = 0, grants = {}, leases = {}, held = {}, held_from = {},
-      expired = false, last_expired = false, last_prev_seq = 0 }
-    st.nodes[b.node] = share
+      expired = false, last_expired = false, last_prev_seq = 0, holds = 0, full = false }
+  end
+  if new_life then
+    load_holdings(prefix, b.node, share)
+  end
+  local fields = load_fields(prefix, b.node, share, share.full and {} or batch_fields(b))
+  st.nodes[b.node] = share
+  local silent = silent_nodes(st, b.node, others, now, b.ttl_ms)
+  local closing = { share }
+  for _, id in ipairs(silent) do closing[#closing + 1] = st.nodes[id] end
+  load_workspaces(st, touched_workspaces(st, b, closing))
+  if st.ws[st.primary] == nil then
+    refuse('corrupt', 'the Primary Workspace ' .. tostring(st.primary) .. ' has no balance')
+  end
+  local total_before, skew_before = loaded_totals(st)
+
+  local events = {}
+  if new_life then
+    close_node(st, b.node, events)
   end
   -- A new life starts with nothing in memory: nothing to forfeit.
   local expired = share.expired and not new_life
@@ -308,8 +600,6 @@ return run(function()
   share.epoch = b.epoch
   share.seq = b.seq
   share.seen = now
-  st.dirty_nodes[b.node] = true
-  st.changed = true
 
   -- OrgRecord::settle_lines, settle_releases, grant.
   local unbacked = 0
@@ -318,14 +608,19 @@ return run(function()
   end
   settle_releases(st, share, b.releases)
   local grants = grant(st, share, b.version, b.wants)
-  drop_zeros(share)
   share.grants = grants
   share.last_expired = expired
   share.last_prev_seq = prev_seq
 
-  expire_nodes(st, b.node, now, b.ttl_ms, events)
-  check_conserved(st)
+  expire_nodes(st, silent, events)
+  local total_after, skew_after = loaded_totals(st)
+  if total_after ~= total_before or skew_after ~= skew_before then
+    refuse('corrupt', 'org ' .. org .. ': the batch would not conserve credits ('
+      .. fmt(total_before) .. ' before, ' .. fmt(total_after) .. ' after)')
+  end
 
-  save(st, events, now)
-  return state_tokens(st, reply_head(true, expired, unbacked, prev_seq, grants))
+  save_settle(st, b.node, share, fields, events, now)
+  for _, id in ipairs(silent) do others[id].holds = 0 end
+  return settle_view(st, b.node, share, named, others,
+    reply_head(true, expired, unbacked, prev_seq, grants))
 end)
