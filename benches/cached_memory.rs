@@ -73,6 +73,7 @@ fn main() {
             let options = EmbeddedOptions {
                 idempotency_keys_max: config.idempotency_keys_max,
                 idempotency_ttl: config.idempotency_ttl,
+                ..EmbeddedOptions::default()
             };
             Arc::new(EmbeddedStore::open(dir.path(), options).unwrap())
         };

@@ -36,6 +36,9 @@ pub const DEFAULT_AUTHORIZE_DENY_STATUS: u16 = 403;
 pub const DEFAULT_LEDGER_PAGE_MAX: usize = 1000;
 pub const DEFAULT_VIEW_PAGE_MAX: usize = 1000;
 pub const DEFAULT_SETTLE_BATCH_ORGS_MAX: usize = 256;
+/// redb's page cache of the embedded store (its own default is 1 GiB, which a large store fills
+/// at start, when every org is read).
+pub const DEFAULT_EMBEDDED_CACHE_BYTES: usize = 64 << 20;
 pub const DEFAULT_LEASE_HORIZON: Duration = Duration::from_secs(2);
 pub const DEFAULT_LEASE_SHARE_MAX_PERCENT: u64 = 25;
 pub const DEFAULT_RECALL_WAIT_MAX: Duration = Duration::from_secs(2);
@@ -87,6 +90,7 @@ pub mod bounds {
     pub const LEDGER_PAGE_MAX: RangeInclusive<u64> = 1..=100_000;
     pub const VIEW_PAGE_MAX: RangeInclusive<u64> = 1..=100_000;
     pub const SETTLE_BATCH_ORGS_MAX: RangeInclusive<u64> = 1..=100_000;
+    pub const EMBEDDED_CACHE_BYTES: RangeInclusive<u64> = (1 << 20)..=(64 << 30);
     pub const AUTHORIZE_DENY_STATUS: [u16; 3] = [402, 403, 429];
 
     /// "`key`: must be from 10ms to 1h", in the units a person would write.
@@ -192,6 +196,8 @@ pub struct Config {
     pub view_page_max: usize,
     /// Orgs settled in one store call.
     pub settle_batch_orgs_max: usize,
+    /// Bytes of the embedded store's page cache (redb's read and write caches together).
+    pub embedded_cache_bytes: usize,
     pub log_format: LogFormat,
     /// Longest one Redis call may take; then its outcome is unknown and it is retried unchanged.
     #[serde(deserialize_with = "de_duration")]
@@ -234,6 +240,7 @@ impl Default for Config {
             ledger_page_max: DEFAULT_LEDGER_PAGE_MAX,
             view_page_max: DEFAULT_VIEW_PAGE_MAX,
             settle_batch_orgs_max: DEFAULT_SETTLE_BATCH_ORGS_MAX,
+            embedded_cache_bytes: DEFAULT_EMBEDDED_CACHE_BYTES,
             log_format: LogFormat::Text,
             redis_call_timeout: DEFAULT_REDIS_CALL_TIMEOUT,
             redis_require_noeviction: true,
@@ -279,6 +286,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("ledger_page_max", Kind::Int),
     ("view_page_max", Kind::Int),
     ("settle_batch_orgs_max", Kind::Int),
+    ("embedded_cache_bytes", Kind::Int),
     ("log_format", Kind::Str),
     ("redis_call_timeout", Kind::Str),
     ("redis_require_noeviction", Kind::Bool),
@@ -523,6 +531,8 @@ impl Config {
         r.count("view_page_max", self.view_page_max as u64, b::VIEW_PAGE_MAX);
         let orgs = self.settle_batch_orgs_max as u64;
         r.count("settle_batch_orgs_max", orgs, b::SETTLE_BATCH_ORGS_MAX);
+        let cache = self.embedded_cache_bytes as u64;
+        r.count("embedded_cache_bytes", cache, b::EMBEDDED_CACHE_BYTES);
     }
 
     /// Settings judged against each other, and values that are not numbers.

@@ -143,6 +143,7 @@ fn embedded_with(keys_max: usize) -> (tempfile::TempDir, EmbeddedStore) {
         EmbeddedOptions {
             idempotency_keys_max: keys_max,
             idempotency_ttl: Duration::from_secs(3600),
+            ..EmbeddedOptions::default()
         },
     )
     .expect("open the embedded store");

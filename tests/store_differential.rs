@@ -1374,6 +1374,7 @@ fn differential(backend: &str, url: &str, flush: &dyn Fn()) {
             EmbeddedOptions {
                 idempotency_keys_max: 1000,
                 idempotency_ttl: Duration::from_secs(3600),
+                ..EmbeddedOptions::default()
             },
         )
         .expect("open the embedded store");

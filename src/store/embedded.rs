@@ -38,6 +38,7 @@ use super::{
     quiet, unix_ms, ControlOp, ControlOutcome, IdempotencyKey, LedgerEntry, LedgerPage, NodeStart,
     Notice, Store, StoreError,
 };
+use crate::config::DEFAULT_EMBEDDED_CACHE_BYTES;
 use crate::model::{
     LedgerEvent, Mode, NodeId, OrgId, OrgRecord, PriorLife, SettleBatch, SettleReply, SettleView,
     WorkspaceId,
@@ -73,6 +74,19 @@ pub struct EmbeddedOptions {
     pub idempotency_keys_max: usize,
     /// How long a control-plane idempotency key is remembered.
     pub idempotency_ttl: Duration,
+    /// Bytes of redb's page cache ([`DEFAULT_EMBEDDED_CACHE_BYTES`]).
+    pub cache_bytes: usize,
+}
+
+impl Default for EmbeddedOptions {
+    /// The defaults of the configuration.
+    fn default() -> Self {
+        EmbeddedOptions {
+            idempotency_keys_max: crate::config::DEFAULT_IDEMPOTENCY_KEYS_MAX,
+            idempotency_ttl: crate::config::DEFAULT_IDEMPOTENCY_TTL,
+            cache_bytes: DEFAULT_EMBEDDED_CACHE_BYTES,
+        }
+    }
 }
 
 /// An org in memory with the number of its last ledger entry.
@@ -165,32 +179,36 @@ fn damaged(path: &Path, why: impl std::fmt::Display) -> StoreError {
     ))
 }
 
-/// Opens (or creates) the database file and its tables; a damaged file, or a panic of redb
-/// on it, is [`damaged`].
-fn open_db(path: &Path) -> Result<Database, StoreError> {
+/// Opens (or creates) the database file and its tables, with a page cache of `cache_bytes`; a
+/// damaged file, or a panic of redb on it, is [`damaged`].
+fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
     // redb turns an empty file into a new database: that would silently be a new, empty
     // store in place of a lost one.
     if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
         return Err(damaged(path, "the file is empty"));
     }
     let opened = quiet::catch(|| -> Result<Database, StoreError> {
-        let db = Database::create(path).map_err(|e| {
-            let e: redb::Error = e.into();
-            match &e {
-                redb::Error::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
-                    "data file {} is in use by another process (another creditd on this \
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(path)
+            .map_err(|e| {
+                let e: redb::Error = e.into();
+                match &e {
+                    redb::Error::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
+                        "data file {} is in use by another process (another creditd on this \
                      data_dir?); a running node is backed up with `creditd backup`",
-                    path.display()
-                )),
-                redb::Error::Io(io)
-                    if io.kind() == std::io::ErrorKind::NotFound || error_kind(&e) == "full" =>
-                {
-                    crate::metrics::store_error(error_kind(&e));
-                    StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))
+                        path.display()
+                    )),
+                    redb::Error::Io(io)
+                        if io.kind() == std::io::ErrorKind::NotFound
+                            || error_kind(&e) == "full" =>
+                    {
+                        crate::metrics::store_error(error_kind(&e));
+                        StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))
+                    }
+                    _ => damaged(path, &e),
                 }
-                _ => damaged(path, &e),
-            }
-        })?;
+            })?;
         let txn = db.begin_write().map_err(io)?;
         {
             txn.open_table(ORGS).map_err(|e| damaged(path, e))?;
@@ -360,7 +378,7 @@ impl EmbeddedStore {
             StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
         })?;
         let path = dir.join(DB_FILE);
-        let db = open_db(&path)?;
+        let db = open_db(&path, options.cache_bytes)?;
         let loaded = load_all(&path, &db)?;
         let store = EmbeddedStore {
             inner: Arc::new(Inner {
@@ -386,7 +404,8 @@ impl EmbeddedStore {
             .map_err(|e| StoreError::Unavailable(format!("cannot read {}: {e}", path.display())))?
             .len();
         let copy = TempCopy::of(&path)?;
-        let mut db = open_db(&copy.0).map_err(|e| rename(e, &copy.0, &path))?;
+        let mut db = open_db(&copy.0, DEFAULT_EMBEDDED_CACHE_BYTES)
+            .map_err(|e| rename(e, &copy.0, &path))?;
         let intact = quiet::catch(|| db.check_integrity())
             .map_err(|panic| damaged(&path, format!("redb failed checking it: {panic}")))?
             .map_err(|e| damaged(&path, e))?;
@@ -561,7 +580,7 @@ impl Inner {
             // Dropping writes redb's allocator state, which may fail (or panic) again.
             let _ = quiet::catch(move || drop(old));
         }
-        let db = open_db(&self.path)?;
+        let db = open_db(&self.path, self.options.cache_bytes)?;
         let txn = db.begin_write().map_err(io)?;
         txn.open_table(META)
             .map_err(io)?
