@@ -46,7 +46,6 @@ return run(function()
     dirty_ws = { [primary] = true },
     dirty_nodes = {},
     changed = true,
-    ledger_len = 0,
   }
   check_conserved(st)
   save(st, { ev.org_created(mode, primary) }, at)
