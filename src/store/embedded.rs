@@ -901,11 +901,15 @@ impl Store for EmbeddedStore {
         let org = org.clone();
         let limit = limit.min(super::LEDGER_PAGE_MAX);
         self.blocking(move |inner| {
-            let Some(trimmed) = inner.orgs.lock().get(&org).map(|s| s.ledger_trimmed) else {
+            // Writers commit under the orgs lock: the read transaction begun under it sees the
+            // ledger that this trimmed count describes.
+            let orgs = inner.orgs.lock();
+            let Some(trimmed) = orgs.get(&org).map(|s| s.ledger_trimmed) else {
                 return Err(StoreError::UnknownOrg(org));
             };
-            inner.with_db(|db| {
+            inner.with_db(move |db| {
                 let read = db.begin_read().map_err(io)?;
+                drop(orgs);
                 let table = read.open_table(LEDGER).map_err(io)?;
                 // A cursor inside the trimmed part reads on from the first kept entry.
                 let start = after.max(trimmed).saturating_add(1);
