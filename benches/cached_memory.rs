@@ -73,6 +73,7 @@ fn main() {
             let options = EmbeddedOptions {
                 idempotency_keys_max: config.idempotency_keys_max,
                 idempotency_ttl: config.idempotency_ttl,
+                ledger_retain: config.ledger_retain,
                 ..EmbeddedOptions::default()
             };
             Arc::new(EmbeddedStore::open(dir.path(), options).unwrap())
@@ -83,6 +84,7 @@ fn main() {
             let org = OrgId::parse(&format!("org-{o:05}"), "org").unwrap();
             let dump = OrgDump {
                 record: record(&org, workspaces),
+                ledger_trimmed: 0,
                 ledger: Vec::new(),
                 keys: Vec::new(),
             };

@@ -310,6 +310,7 @@ fn node_path(c: &mut Criterion) {
             EmbeddedOptions {
                 idempotency_keys_max: config.idempotency_keys_max,
                 idempotency_ttl: config.idempotency_ttl,
+                ledger_retain: config.ledger_retain,
                 ..EmbeddedOptions::default()
             },
         )

@@ -34,6 +34,8 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_AUTHORIZE_DENY_STATUS: u16 = 403;
 pub const DEFAULT_LEDGER_PAGE_MAX: usize = 1000;
+/// Ledger entries kept per org (the oldest are trimmed beyond it; see [`ledger_trim_at`]).
+pub const DEFAULT_LEDGER_RETAIN: u64 = 100_000;
 pub const DEFAULT_VIEW_PAGE_MAX: usize = 1000;
 pub const DEFAULT_SETTLE_BATCH_ORGS_MAX: usize = 256;
 /// redb's page cache of the embedded store (its own default is 1 GiB, which a large store fills
@@ -88,6 +90,9 @@ pub mod bounds {
     /// count (a larger number once panicked inside the accept loop).
     pub const CONNECTIONS_MAX: RangeInclusive<u64> = 1..=1_048_576;
     pub const LEDGER_PAGE_MAX: RangeInclusive<u64> = 1..=100_000;
+    /// Entries kept per org: at least one, and at most what one Redis script can still trim
+    /// or export in one piece.
+    pub const LEDGER_RETAIN: RangeInclusive<u64> = 1..=100_000_000;
     pub const VIEW_PAGE_MAX: RangeInclusive<u64> = 1..=100_000;
     pub const SETTLE_BATCH_ORGS_MAX: RangeInclusive<u64> = 1..=100_000;
     pub const EMBEDDED_CACHE_BYTES: RangeInclusive<u64> = (1 << 20)..=(64 << 30);
@@ -111,6 +116,15 @@ pub mod bounds {
         }
         format!("{n}ms")
     }
+}
+
+/// How many entries an org's ledger may hold before the store trims it back to `retain`:
+/// `retain` plus a slack of a sixteenth (at least 1), so that entries are deleted in chunks
+/// (amortized O(1) per append) rather than one at every write. Both stores use this number,
+/// so that they trim at the same appends.
+pub const fn ledger_trim_at(retain: u64) -> u64 {
+    let slack = retain / 16;
+    retain + if slack == 0 { 1 } else { slack }
 }
 
 /// Which store keeps the truth.
@@ -192,6 +206,9 @@ pub struct Config {
     /// Status of a `/v1/authorize` denial: 403 (nginx understands it), 402 or 429.
     pub authorize_deny_status: u16,
     pub ledger_page_max: usize,
+    /// Ledger entries kept per org: beyond it (plus a slack, [`ledger_trim_at`]) the oldest are
+    /// trimmed, in the same atomic write as the append. Totals are counters and do not change.
+    pub ledger_retain: u64,
     /// Largest page of workspaces in an org view (`GET /v1/orgs/{org}?limit=`).
     pub view_page_max: usize,
     /// Orgs settled in one store call.
@@ -238,6 +255,7 @@ impl Default for Config {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             authorize_deny_status: DEFAULT_AUTHORIZE_DENY_STATUS,
             ledger_page_max: DEFAULT_LEDGER_PAGE_MAX,
+            ledger_retain: DEFAULT_LEDGER_RETAIN,
             view_page_max: DEFAULT_VIEW_PAGE_MAX,
             settle_batch_orgs_max: DEFAULT_SETTLE_BATCH_ORGS_MAX,
             embedded_cache_bytes: DEFAULT_EMBEDDED_CACHE_BYTES,
@@ -284,6 +302,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("shutdown_grace", Kind::Str),
     ("authorize_deny_status", Kind::Int),
     ("ledger_page_max", Kind::Int),
+    ("ledger_retain", Kind::Int),
     ("view_page_max", Kind::Int),
     ("settle_batch_orgs_max", Kind::Int),
     ("embedded_cache_bytes", Kind::Int),
@@ -528,6 +547,7 @@ impl Config {
             self.ledger_page_max as u64,
             b::LEDGER_PAGE_MAX,
         );
+        r.count("ledger_retain", self.ledger_retain, b::LEDGER_RETAIN);
         r.count("view_page_max", self.view_page_max as u64, b::VIEW_PAGE_MAX);
         let orgs = self.settle_batch_orgs_max as u64;
         r.count("settle_batch_orgs_max", orgs, b::SETTLE_BATCH_ORGS_MAX);
@@ -663,6 +683,16 @@ mod tests {
         assert!(text.contains("CREDITD_BODY_BYTES_MAX"), "{text}");
         assert!(text.contains("no_such_thing"), "{text}");
         assert!(text.contains("settle_interval"), "{text}");
+    }
+
+    #[test]
+    fn the_ledger_is_trimmed_in_chunks_of_a_sixteenth() {
+        assert_eq!(ledger_trim_at(1), 2);
+        assert_eq!(ledger_trim_at(15), 16);
+        assert_eq!(ledger_trim_at(32), 34);
+        assert_eq!(ledger_trim_at(DEFAULT_LEDGER_RETAIN), 106_250);
+        let max = *bounds::LEDGER_RETAIN.end();
+        assert!(ledger_trim_at(max) < crate::model::CREDITS_MAX);
     }
 
     #[test]

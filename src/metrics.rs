@@ -236,7 +236,7 @@ const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
         LEDGER_ENTRIES,
         Kind::Gauge,
         None,
-        "Ledger entries the embedded store holds (they are never deleted)",
+        "Ledger entries the embedded store holds (at most about ledger_retain per org; older ones are trimmed)",
     ),
     (BUILD_INFO, Kind::Gauge, None, "Always 1; the version label says which creditd runs"),
 ];

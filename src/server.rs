@@ -68,6 +68,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, RunError> {
                 idempotency_keys_max: config.idempotency_keys_max,
                 idempotency_ttl: config.idempotency_ttl,
                 cache_bytes: config.embedded_cache_bytes,
+                ledger_retain: config.ledger_retain,
             };
             match EmbeddedStore::open(&config.data_dir, options) {
                 Ok(store) => Ok(Arc::new(store)),

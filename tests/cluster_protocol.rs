@@ -26,6 +26,7 @@ async fn cluster(n: usize) -> Cluster {
     let options = EmbeddedOptions {
         idempotency_keys_max: 1000,
         idempotency_ttl: Duration::from_secs(60),
+        ledger_retain: creditd::config::DEFAULT_LEDGER_RETAIN,
         ..EmbeddedOptions::default()
     };
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path(), options).unwrap());

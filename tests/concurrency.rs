@@ -369,6 +369,7 @@ async fn the_node_itself_allows_exactly_the_budget_to_racing_tasks() {
         EmbeddedOptions {
             idempotency_keys_max: config.idempotency_keys_max,
             idempotency_ttl: config.idempotency_ttl,
+            ledger_retain: config.ledger_retain,
             ..EmbeddedOptions::default()
         },
     )

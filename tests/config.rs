@@ -114,6 +114,26 @@ async fn every_setting_beyond_its_bound_is_refused_before_start() {
     assert!(!out.1.contains("panicked"), "{}", out.1);
 }
 
+/// The ledger is bounded: a retention of 0 (nothing kept, not even the last change) or beyond
+/// the bound is refused by its variable, naming the range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_retain_out_of_its_bounds_is_refused() {
+    for value in ["0", "100000001"] {
+        let out = run(
+            &["serve"],
+            &[
+                ("CREDITD_LISTEN", "127.0.0.1:0"),
+                ("CREDITD_LEDGER_RETAIN", value),
+            ],
+        )
+        .await;
+        assert_refused(&out, &["ledger_retain: must be from 1 to 100000000"]);
+        assert!(!out.1.contains("listening"), "{}", out.1);
+    }
+    let out = run(&["serve"], &[("CREDITD_LEDGER_RETAIN", "many")]).await;
+    assert_refused(&out, &["CREDITD_LEDGER_RETAIN", "many"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_key_is_reported_at_once() {
     let dir = tempfile::tempdir().unwrap();

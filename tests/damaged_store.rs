@@ -22,6 +22,7 @@ async fn build_store(dir: &Path) {
         EmbeddedOptions {
             idempotency_keys_max: 1000,
             idempotency_ttl: Duration::from_secs(3600),
+            ledger_retain: creditd::config::DEFAULT_LEDGER_RETAIN,
             ..EmbeddedOptions::default()
         },
     )

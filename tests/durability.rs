@@ -318,6 +318,7 @@ async fn open_reservations_are_released_by_a_clean_stop() {
             EmbeddedOptions {
                 idempotency_keys_max: 1_000,
                 idempotency_ttl: Duration::from_secs(3600),
+                ledger_retain: creditd::config::DEFAULT_LEDGER_RETAIN,
                 ..EmbeddedOptions::default()
             },
         )

@@ -293,6 +293,139 @@ async fn embedded_to_a_redis_cluster_and_back_keeps_every_line() {
     assert_eq!(node.terminate().code(), Some(0));
 }
 
+/// `GET /v1/orgs/{org}/ledger` from cursor 0: the page and its `trimmed`.
+async fn first_page(c: &common::Client, org: &str) -> (Vec<Value>, u64) {
+    let a = c.get(&format!("/v1/orgs/{org}/ledger?limit=1000")).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let trimmed = a.body["trimmed"]
+        .as_u64()
+        .expect("a ledger page says what was trimmed");
+    (a.body["entries"].as_array().unwrap().clone(), trimmed)
+}
+
+fn seqs(entries: &[Value]) -> Vec<u64> {
+    entries.iter().map(|e| e["seq"].as_u64().unwrap()).collect()
+}
+
+/// A node keeping 10 ledger entries per org (`CREDITD_LEDGER_RETAIN`) trims its ledger; the
+/// export carries the kept entries and the trimmed count; Redis and a new embedded store
+/// import it with the same numbering and export the same lines; the next entry on Redis takes
+/// the next seq; and an import into a store that keeps fewer trims as an append would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trimmed_ledger_moves_with_its_numbering() {
+    let root = tempfile::tempdir().unwrap();
+    let embedded = root.path().join("embedded");
+    let keep10 = [("CREDITD_LEDGER_RETAIN", "10")];
+    let node = Process::spawn(&embedded, &keep10).await;
+    let c = &node.client;
+    c.create_org("acme", "shared").await;
+    for _ in 0..30 {
+        c.purchase("acme", 3).await;
+    }
+    // 31 entries, trimmed back to 10 whenever 12 are kept (2 at a time from seq 12 on): 20
+    // trimmed, 21 to 31 kept.
+    let (entries, trimmed) = first_page(c, "acme").await;
+    assert_eq!(trimmed, 20);
+    assert_eq!(seqs(&entries), (21..=31).collect::<Vec<_>>());
+    let a = c.get("/v1/orgs/acme/ledger?limit=2&after=5").await;
+    assert_eq!(seqs(a.body["entries"].as_array().unwrap()), vec![21, 22]);
+    assert_eq!(a.body["next"], 22);
+    assert_eq!(
+        c.org("acme").await["purchased"],
+        90,
+        "the totals still count them"
+    );
+    let before = c.org("acme").await;
+    assert_eq!(node.terminate().code(), Some(0));
+
+    let first = root.path().join("first.jsonl");
+    ok(
+        &data_command("export", Store::Embedded(&embedded), &first),
+        "export of the trimmed store",
+    );
+    let lines = sorted_lines(&first);
+    assert!(
+        lines.iter().any(|l| l.contains("\"ledger_trimmed\":20")),
+        "the org line carries the count: {lines:?}"
+    );
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("\"line\":\"ledger\""))
+            .count(),
+        11
+    );
+
+    // Into Redis and back out: the same lines; and a new embedded store the same.
+    let server = RedisServer::start();
+    let url = server.url();
+    ok(
+        &data_command("import", Store::Redis(&url), &first),
+        "import into redis",
+    );
+    let second = root.path().join("second.jsonl");
+    ok(
+        &data_command("export", Store::Redis(&url), &second),
+        "export of redis",
+    );
+    assert_eq!(sorted_lines(&second), lines, "redis export differs");
+    let back = root.path().join("back");
+    ok(
+        &data_command("import", Store::Embedded(&back), &second),
+        "import back",
+    );
+    let third = root.path().join("third.jsonl");
+    ok(
+        &data_command("export", Store::Embedded(&back), &third),
+        "export back",
+    );
+    assert_eq!(sorted_lines(&third), lines, "round-tripped export differs");
+
+    // A node on Redis serves the same page and numbers on from it.
+    let redis_node = Process::spawn(
+        &root.path().join("unused"),
+        &[
+            ("CREDITD_STORE", "redis"),
+            ("CREDITD_REDIS_URL", &url),
+            ("CREDITD_NODE_ID", "gw-1"),
+            keep10[0],
+        ],
+    )
+    .await;
+    let c = &redis_node.client;
+    assert_eq!(c.org("acme").await, before);
+    assert_eq!(first_page(c, "acme").await, (entries.clone(), 20));
+    c.purchase("acme", 1).await;
+    let (after, trimmed) = first_page(c, "acme").await;
+    assert_eq!(
+        (trimmed, *seqs(&after).last().unwrap()),
+        (22, 32),
+        "trimmed at 12 kept"
+    );
+    assert_eq!(redis_node.terminate().code(), Some(0));
+
+    // Into a store that keeps 3: trimmed on import as an append would trim it.
+    let small = root.path().join("small");
+    let done = creditd(
+        &[
+            "import",
+            "--store",
+            "embedded",
+            "--data-dir",
+            &p(&small),
+            "--from",
+            &p(&first),
+        ],
+        &[("CREDITD_LEDGER_RETAIN", "3")],
+    );
+    ok(&done, "import into a store keeping 3");
+    let node = Process::spawn(&small, &[("CREDITD_LEDGER_RETAIN", "3")]).await;
+    let (kept, trimmed) = first_page(&node.client, "acme").await;
+    assert_eq!((trimmed, seqs(&kept)), (28, vec![29, 30, 31]));
+    assert_eq!(node.client.org("acme").await, before);
+    assert_eq!(node.terminate().code(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_under_load_restores_to_a_conserved_state() {
     let root = tempfile::tempdir().unwrap();

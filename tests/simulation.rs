@@ -481,6 +481,7 @@ impl Store for SimStore {
             Ok(LedgerPage {
                 entries,
                 next: None,
+                trimmed: 0,
             })
         })
         .await

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::eventually_some;
 use common::redis::{RedisCluster, RedisServer};
+use creditd::config::{ledger_trim_at, DEFAULT_LEDGER_RETAIN};
 use creditd::model::{
     Amount, LedgerEvent, Mode, NodeId, OrgId, OrgRecord, PriorLife, RuleError, SettleBatch,
     SettleReply, SettleView, UsageLine, WorkspaceId, AMOUNT_MAX, CREDITS_MAX,
@@ -137,12 +138,18 @@ async fn current(store: &dyn Store, o: &str, b: &Batch) -> SettleBatch {
 }
 
 fn embedded_with(keys_max: usize) -> (tempfile::TempDir, EmbeddedStore) {
+    embedded_keeping(keys_max, DEFAULT_LEDGER_RETAIN)
+}
+
+/// An embedded store keeping `retain` ledger entries per org.
+fn embedded_keeping(keys_max: usize, retain: u64) -> (tempfile::TempDir, EmbeddedStore) {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = EmbeddedStore::open(
         dir.path(),
         EmbeddedOptions {
             idempotency_keys_max: keys_max,
             idempotency_ttl: Duration::from_secs(3600),
+            ledger_retain: retain,
             ..EmbeddedOptions::default()
         },
     )
@@ -159,6 +166,7 @@ fn redis_options(url: &str) -> RedisOptions {
         idempotency_ttl: Duration::from_secs(3600),
         idempotency_keys_max: 1000,
         settle_entries_max: 1000,
+        ledger_retain: DEFAULT_LEDGER_RETAIN,
     }
 }
 
@@ -207,8 +215,8 @@ async fn loaded_after(
     record
 }
 
-/// A whole ledger as (seq, event), with the cursor of every page read.
-type LedgerRead = (Vec<(u64, LedgerEvent)>, Vec<Option<u64>>);
+/// A whole ledger as (seq, event), with the cursor and the trimmed count of every page read.
+type LedgerRead = (Vec<(u64, LedgerEvent)>, Vec<Option<u64>>, Vec<u64>);
 
 /// What one step of a scenario observed, comparable across stores.
 #[derive(Debug, PartialEq)]
@@ -218,7 +226,8 @@ enum Seen {
     Outcome(Result<ControlOutcome, StoreError>),
     /// Each answer with the org as loaded after it.
     Settled(Vec<Result<(SettleReply, SettleView, OrgRecord), StoreError>>),
-    /// Every ledger entry as (seq, event), read in pages, with the cursors seen.
+    /// Every ledger entry as (seq, event), read in pages, with the cursors and trimmed counts
+    /// seen.
     Ledger(Result<LedgerRead, StoreError>),
 }
 
@@ -295,6 +304,7 @@ impl<'a> Run<'a> {
     async fn ledger(&mut self, o: &str, page: usize) {
         let mut entries = Vec::new();
         let mut cursors = Vec::new();
+        let mut trimmed = Vec::new();
         let mut after = 0;
         let result = loop {
             match self.store.ledger(&org(o), after, page).await {
@@ -303,14 +313,27 @@ impl<'a> Run<'a> {
                     assert!(p.entries.len() <= page);
                     entries.extend(p.entries.into_iter().map(|e| (e.seq, e.event)));
                     cursors.push(p.next);
+                    trimmed.push(p.trimmed);
                     match p.next {
                         Some(n) => after = n,
-                        None => break Ok((entries, cursors)),
+                        None => break Ok((entries, cursors, trimmed)),
                     }
                 }
             }
         };
         self.note(format!("ledger {o} by {page}"), Seen::Ledger(result));
+    }
+
+    /// Reads one page of at most `page` entries after the cursor `after`.
+    async fn page(&mut self, o: &str, after: u64, page: usize) {
+        let result = self.store.ledger(&org(o), after, page).await.map(|p| {
+            let entries = p.entries.into_iter().map(|e| (e.seq, e.event)).collect();
+            (entries, vec![p.next], vec![p.trimmed])
+        });
+        self.note(
+            format!("ledger {o} after {after} by {page}"),
+            Seen::Ledger(result),
+        );
     }
 }
 
@@ -645,6 +668,163 @@ async fn a_redis_cluster_gives_the_same_answers() {
         }
         assert!(started.elapsed() < WAIT_MAX, "the recall was never heard");
     }
+}
+
+// -------------------------------------------------------------------------------------------
+// A bounded ledger
+// -------------------------------------------------------------------------------------------
+
+/// Ledger entries kept per org by the retention test's stores: past 34, trimmed back to 32.
+const RETAIN: u64 = 32;
+
+/// Appends about twice RETAIN entries to `keep`, one at a time (purchases) and two at once
+/// (settles with two usage lines), and reads pages along the way: the whole ledger from
+/// cursor 0, single pages from 0 and from cursors that fall in the trimmed part as it grows.
+/// `small` stays under RETAIN.
+async fn retention(run: &mut Run<'_>, epoch: u64) {
+    run.create("keep", Mode::Budget, "main").await;
+    run.create("small", Mode::Shared, "primary").await;
+    run.apply("small", purchase(10), None).await;
+    run.apply("keep", purchase(1_000), None).await;
+    run.apply("keep", create_ws("a"), None).await;
+    run.apply("keep", create_ws("b"), None).await;
+    run.apply("keep", transfer("main", "a", 300), None).await;
+    run.apply("keep", transfer("main", "b", 300), None).await;
+    let leases = Batch::new("n1", epoch, 1).want("a", 100).want("b", 100);
+    run.settle(&[("keep", &leases)]).await;
+    let mut seq = 1;
+    for i in 0..40 {
+        run.apply("keep", purchase(1), None).await;
+        if i % 4 == 3 {
+            seq += 1;
+            let usage = Batch::new("n1", epoch, seq)
+                .line("a", "a", [1, 0, 0, 0])
+                .line("b", "b", [2, 0, 0, 0]);
+            run.settle(&[("keep", &usage)]).await;
+        }
+        if i % 10 == 9 {
+            run.ledger("keep", 7).await;
+            run.page("keep", 0, 5).await;
+            run.page("keep", 3, 5).await;
+            run.page("keep", 30, 5).await;
+            run.load("keep").await;
+        }
+    }
+    run.ledger("keep", 1).await;
+    run.ledger("keep", 1000).await;
+    run.ledger("small", 1000).await;
+    run.load("keep").await;
+    run.load("small").await;
+}
+
+/// Both stores keep at most about `ledger_retain` entries per org, trim the same entries at
+/// the same appends, never renumber one, read on from the first kept entry after a cursor in
+/// the trimmed part, and say how many were trimmed; every other answer (records, views,
+/// settle replies) is what a store that trims nothing gives, since the totals are counters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_beyond_its_retention_is_trimmed_alike() {
+    let server = RedisServer::start();
+    let redis = redis_store(RedisOptions {
+        ledger_retain: RETAIN,
+        ..redis_options(&server.url())
+    })
+    .await;
+    let (_dir, embedded) = embedded_keeping(1000, RETAIN);
+    let (_whole_dir, whole) = embedded_keeping(1000, DEFAULT_LEDGER_RETAIN);
+    let mut epoch = 0;
+    for store in [&embedded as &dyn Store, &redis, &whole] {
+        epoch = epoch.max(store.start_node(&node("n1")).await.expect("start").epoch);
+    }
+    let mut a = Run::new(&embedded);
+    retention(&mut a, epoch).await;
+    let mut b = Run::new(&redis);
+    retention(&mut b, epoch).await;
+    let mut c = Run::new(&whole);
+    retention(&mut c, epoch).await;
+    assert_same(&a.seen, &b.seen);
+    let not_ledger = |run: &Run<'_>| -> Vec<String> {
+        run.seen
+            .iter()
+            .filter(|(_, s)| !matches!(s, Seen::Ledger(_)))
+            .map(|(label, s)| format!("{label}: {s:?}"))
+            .collect()
+    };
+    assert_eq!(not_ledger(&a), not_ledger(&c));
+
+    let whole_ledger = whole.ledger(&org("keep"), 0, 1000).await.expect("ledger");
+    assert_eq!((whole_ledger.trimmed, whole_ledger.next), (0, None));
+    let total = whole_ledger.entries.len() as u64;
+    assert_eq!(
+        total, 66,
+        "6 changes, 40 purchases, 10 settles of 2 usage lines"
+    );
+    let numbered = |entries: &[creditd::store::LedgerEntry]| -> Vec<(u64, LedgerEvent)> {
+        entries.iter().map(|e| (e.seq, e.event.clone())).collect()
+    };
+    for store in [&embedded as &dyn Store, &redis] {
+        let kind = store.kind();
+        let all = store.ledger(&org("keep"), 0, 1000).await.expect("ledger");
+        let t = all.trimmed;
+        let kept = all.entries.len() as u64;
+        assert_eq!(t + kept, total, "{kind}");
+        assert!(
+            (RETAIN..=ledger_trim_at(RETAIN)).contains(&kept),
+            "{kind} keeps {kept}"
+        );
+        // The kept entries are the last ones of the whole ledger, numbered as they were.
+        assert_eq!(
+            numbered(&all.entries),
+            numbered(&whole_ledger.entries[t as usize..]),
+            "{kind}"
+        );
+        // A cursor in the trimmed part (0 included) reads on from the first kept entry.
+        for after in [0, 1, t / 2, t] {
+            let p = store.ledger(&org("keep"), after, 5).await.expect("page");
+            let seqs: Vec<u64> = p.entries.iter().map(|e| e.seq).collect();
+            assert_eq!(
+                seqs,
+                (t + 1..=t + 5).collect::<Vec<_>>(),
+                "{kind} after {after}"
+            );
+            assert_eq!(
+                (p.next, p.trimmed),
+                (Some(t + 5), t),
+                "{kind} after {after}"
+            );
+        }
+        let p = store.ledger(&org("keep"), t + 3, 5).await.expect("page");
+        assert_eq!(p.entries[0].seq, t + 4, "{kind}");
+        let end = store.ledger(&org("keep"), total, 5).await.expect("page");
+        assert!(end.entries.is_empty() && end.next.is_none(), "{kind}");
+        // The totals are counters: they still count what the trimmed entries recorded.
+        let record = store
+            .load_org(&org("keep"))
+            .await
+            .expect("load")
+            .expect("org");
+        assert!(record.is_conserved(), "{kind}");
+        let view = record.view();
+        assert_eq!((view.purchased, view.used), (1_040, 30), "{kind}");
+        assert_eq!(view.purchased, view.total_credits + view.used, "{kind}");
+        // Retention is per org: a short ledger is whole.
+        let small = store.ledger(&org("small"), 0, 1000).await.expect("ledger");
+        assert_eq!((small.trimmed, small.entries.len()), (0, 2), "{kind}");
+    }
+    // Redis keeps the count in the org's meta and only the kept entries in its list.
+    let t = redis
+        .ledger(&org("keep"), 0, 1)
+        .await
+        .expect("ledger")
+        .trimmed;
+    let read = |args: &[&str]| -> u64 {
+        redis::from_redis_value(&server.cmd(args)).expect("a number from redis")
+    };
+    assert_eq!(read(&["HGET", "creditd:{keep}:meta", "ledger_trimmed"]), t);
+    assert_eq!(read(&["LLEN", "creditd:{keep}:ledger"]), total - t);
+    assert_eq!(
+        read(&["HEXISTS", "creditd:{small}:meta", "ledger_trimmed"]),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

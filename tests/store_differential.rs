@@ -1355,6 +1355,7 @@ fn differential(backend: &str, url: &str, flush: &dyn Fn()) {
             idempotency_ttl: Duration::from_secs(3600),
             idempotency_keys_max: 1000,
             settle_entries_max: 1000,
+            ledger_retain: creditd::config::DEFAULT_LEDGER_RETAIN,
         }))
         .expect("open the redis store");
     let stats = RefCell::new(Stats::default());
@@ -1374,6 +1375,7 @@ fn differential(backend: &str, url: &str, flush: &dyn Fn()) {
             EmbeddedOptions {
                 idempotency_keys_max: 1000,
                 idempotency_ttl: Duration::from_secs(3600),
+                ledger_retain: creditd::config::DEFAULT_LEDGER_RETAIN,
                 ..EmbeddedOptions::default()
             },
         )

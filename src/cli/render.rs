@@ -204,6 +204,13 @@ pub fn ledger(page: &Value, org: &str) -> String {
         ]);
     }
     let mut out = table.render();
+    if let Some(trimmed) = page["trimmed"].as_u64().filter(|n| *n > 0) {
+        out.push_str(&format!(
+            "\ntrimmed: the {trimmed} oldest entries are no longer kept (ledger_retain); the \
+             first kept is seq {}. The totals still count them.\n",
+            trimmed + 1
+        ));
+    }
     if let Some(next) = page["next"].as_u64() {
         out.push_str(&format!("\nmore: creditd ledger {org} --after {next}\n"));
     }
@@ -268,5 +275,16 @@ mod tests {
         let out = ledger(&page, "acme");
         assert!(out.contains("mode=budget primary=main"), "{out}");
         assert!(out.contains("creditd ledger acme --after 1"), "{out}");
+        assert!(!out.contains("trimmed"), "{out}");
+    }
+
+    #[test]
+    fn ledger_says_what_was_trimmed() {
+        let page = json!({"entries": [
+            {"seq": 41, "at_ms": 0, "kind": "purchase", "workspace": "main", "amount": 5},
+        ], "next": null, "trimmed": 40});
+        let out = ledger(&page, "acme");
+        assert!(out.contains("the 40 oldest entries"), "{out}");
+        assert!(out.contains("first kept is seq 41"), "{out}");
     }
 }

@@ -74,6 +74,12 @@ pub struct EmbeddedOptions {
     pub idempotency_keys_max: usize,
     /// How long a control-plane idempotency key is remembered.
     pub idempotency_ttl: Duration,
+    /// Ledger entries kept per org (`ledger_retain`): once an org's ledger holds more than
+    /// [`ledger_trim_at`] of it, the oldest are deleted down to this many, in the transaction
+    /// that appends.
+    ///
+    /// [`ledger_trim_at`]: crate::config::ledger_trim_at
+    pub ledger_retain: u64,
     /// Bytes of redb's page cache ([`DEFAULT_EMBEDDED_CACHE_BYTES`]).
     pub cache_bytes: usize,
 }
@@ -84,16 +90,22 @@ impl Default for EmbeddedOptions {
         EmbeddedOptions {
             idempotency_keys_max: crate::config::DEFAULT_IDEMPOTENCY_KEYS_MAX,
             idempotency_ttl: crate::config::DEFAULT_IDEMPOTENCY_TTL,
+            ledger_retain: crate::config::DEFAULT_LEDGER_RETAIN,
             cache_bytes: DEFAULT_EMBEDDED_CACHE_BYTES,
         }
     }
 }
 
-/// An org in memory with the number of its last ledger entry.
+/// An org in memory with the number of its last ledger entry, and how many of its first
+/// entries were trimmed (seqs 1 to `ledger_trimmed` are gone; the ledger table holds
+/// `ledger_trimmed + 1 ..= ledger_seq`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredOrg {
     record: OrgRecord,
     ledger_seq: u64,
+    /// Absent in files written before ledgers were trimmed: nothing was.
+    #[serde(default)]
+    ledger_trimmed: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -321,9 +333,9 @@ fn load_all(path: &Path, db: &Database) -> Result<Loaded, StoreError> {
             let (key, value) = item.map_err(|e| bad(&e))?;
             let (org, seq) = key.value();
             let entry: LedgerEntry = serde_json::from_slice(value.value()).map_err(|e| bad(&e))?;
-            let known = orgs
-                .get(org)
-                .is_some_and(|s: &StoredOrg| seq <= s.ledger_seq && entry.seq == seq);
+            let known = orgs.get(org).is_some_and(|s: &StoredOrg| {
+                s.ledger_trimmed < seq && seq <= s.ledger_seq && entry.seq == seq
+            });
             if !known {
                 return Err(bad(&format!(
                     "ledger entry {seq} of org {org} does not fit that org's ledger"
@@ -363,6 +375,28 @@ fn load_all(path: &Path, db: &Database) -> Result<Loaded, StoreError> {
             Err(damaged(path, format!("redb failed reading it: {panic}")))
         }
     }
+}
+
+/// Deletes the oldest entries of an org's ledger down to `retain` once it holds more than
+/// [`crate::config::ledger_trim_at`]`(retain)`: a chunk of about a sixteenth at a time, so
+/// that the work is amortized O(1) per appended entry. Seqs never change; `ledger_trimmed`
+/// counts what is gone.
+fn trim_ledger(
+    ledger: &mut redb::Table<'_, (&'static str, u64), &'static [u8]>,
+    stored: &mut StoredOrg,
+    retain: u64,
+) -> Result<(), StoreError> {
+    let kept = stored.ledger_seq - stored.ledger_trimmed;
+    if kept <= crate::config::ledger_trim_at(retain) {
+        return Ok(());
+    }
+    let org = stored.record.org.as_str();
+    let first_kept = stored.ledger_seq - retain + 1;
+    for seq in stored.ledger_trimmed + 1..first_kept {
+        ledger.remove((org, seq)).map_err(io)?;
+    }
+    stored.ledger_trimmed = first_kept - 1;
+    Ok(())
 }
 
 fn idem_key(org: &OrgId, key: &IdempotencyKey) -> String {
@@ -602,10 +636,10 @@ impl Inner {
         Ok(())
     }
 
-    /// The data file's size and the ledger's entry count (each org's last `seq`: entries are
-    /// never deleted).
+    /// The data file's size and the ledger's entry count (each org's last `seq` less what was
+    /// trimmed).
     fn update_gauges(&self, orgs: &HashMap<OrgId, StoredOrg>) {
-        let entries: u64 = orgs.values().map(|s| s.ledger_seq).sum();
+        let entries: u64 = orgs.values().map(|s| s.ledger_seq - s.ledger_trimmed).sum();
         metrics::gauge!(crate::metrics::LEDGER_ENTRIES).set(entries as f64);
         if let Ok(meta) = std::fs::metadata(&self.path) {
             metrics::gauge!(crate::metrics::STORE_FILE_BYTES).set(meta.len() as f64);
@@ -613,7 +647,9 @@ impl Inner {
     }
 
     /// Writes the new state of some orgs, their ledger entries and an optional idempotency
-    /// record in one transaction, then installs the new states in memory.
+    /// record in one transaction, then installs the new states in memory. An org's ledger
+    /// grown past [`crate::config::ledger_trim_at`] of `ledger_retain` loses its oldest
+    /// entries down to `ledger_retain`, in the same transaction.
     fn commit(
         &self,
         orgs: &mut HashMap<OrgId, StoredOrg>,
@@ -642,6 +678,7 @@ impl Inner {
                             .insert((org.as_str(), stored.ledger_seq), bytes.as_slice())
                             .map_err(io)?;
                     }
+                    trim_ledger(&mut ledger, &mut stored, self.options.ledger_retain)?;
                     let bytes = serde_json::to_vec(&stored).map_err(corrupt)?;
                     org_table
                         .insert(org.as_str(), bytes.as_slice())
@@ -765,6 +802,7 @@ impl Store for EmbeddedStore {
             let stored = StoredOrg {
                 record: record.clone(),
                 ledger_seq: 0,
+                ledger_trimmed: 0,
             };
             inner.commit(&mut orgs, vec![(stored, vec![event])], None, &[])?;
             Ok(record)
@@ -884,13 +922,18 @@ impl Store for EmbeddedStore {
         let org = org.clone();
         let limit = limit.min(super::LEDGER_PAGE_MAX);
         self.blocking(move |inner| {
-            if !inner.orgs.lock().contains_key(&org) {
+            // Writers commit under the orgs lock: the read transaction begun under it sees the
+            // ledger that this trimmed count describes.
+            let orgs = inner.orgs.lock();
+            let Some(trimmed) = orgs.get(&org).map(|s| s.ledger_trimmed) else {
                 return Err(StoreError::UnknownOrg(org));
-            }
-            inner.with_db(|db| {
+            };
+            inner.with_db(move |db| {
                 let read = db.begin_read().map_err(io)?;
+                drop(orgs);
                 let table = read.open_table(LEDGER).map_err(io)?;
-                let start = after.saturating_add(1);
+                // A cursor inside the trimmed part reads on from the first kept entry.
+                let start = after.max(trimmed).saturating_add(1);
                 let mut entries = Vec::with_capacity(limit.min(1024));
                 let mut more = false;
                 for item in table
@@ -911,7 +954,11 @@ impl Store for EmbeddedStore {
                 } else {
                     None
                 };
-                Ok(LedgerPage { entries, next })
+                Ok(LedgerPage {
+                    entries,
+                    next,
+                    trimmed,
+                })
             })
         })
         .await
@@ -980,7 +1027,8 @@ impl Store for EmbeddedStore {
                     return Ok(None);
                 };
                 let stored: StoredOrg = serde_json::from_slice(value.value()).map_err(corrupt)?;
-                let mut ledger = Vec::with_capacity(stored.ledger_seq as usize);
+                let kept = stored.ledger_seq - stored.ledger_trimmed;
+                let mut ledger = Vec::with_capacity(kept as usize);
                 for item in read
                     .open_table(LEDGER)
                     .map_err(io)?
@@ -1025,6 +1073,7 @@ impl Store for EmbeddedStore {
                 }
                 Ok(Some(OrgDump {
                     record: stored.record,
+                    ledger_trimmed: stored.ledger_trimmed,
                     ledger,
                     keys,
                 }))
@@ -1036,7 +1085,9 @@ impl Store for EmbeddedStore {
     async fn import_org(&self, dump: &OrgDump) -> Result<(), StoreError> {
         dump.validate()
             .map_err(|why| corrupt(format!("org {}: {why}", dump.record.org)))?;
-        let dump = dump.clone();
+        let mut dump = dump.clone();
+        // A ledger longer than this store keeps is trimmed as an append would trim it.
+        dump.trim_ledger(self.inner.options.ledger_retain);
         self.blocking(move |inner| {
             let ttl_ms = inner.options.idempotency_ttl.as_millis() as u64;
             let mut orgs = inner.orgs.lock();
@@ -1046,7 +1097,8 @@ impl Store for EmbeddedStore {
             }
             let stored = StoredOrg {
                 record: dump.record.clone(),
-                ledger_seq: dump.ledger.len() as u64,
+                ledger_seq: dump.ledger_trimmed + dump.ledger.len() as u64,
+                ledger_trimmed: dump.ledger_trimmed,
             };
             inner.with_db(|db| {
                 let txn = db.begin_write().map_err(io)?;

@@ -15,6 +15,15 @@
 //! Nothing in a line depends on when or from which store kind it was taken, so an export
 //! imported elsewhere and exported again is the same text.
 //!
+//! # A trimmed ledger
+//!
+//! A store keeps `ledger_retain` entries per org. An org whose oldest entries were trimmed
+//! carries their count on its org line, `"ledger_trimmed":N`, and its ledger lines start at
+//! seq N + 1; an import restores the same numbering. The field is left out when nothing was
+//! trimmed, so an export of an untrimmed store is the text format 1 always was, and files
+//! written before ledgers were trimmed import unchanged. (A creditd older than this refuses a
+//! trimmed export: its ledger does not start at seq 1.)
+//!
 //! # Consistency
 //!
 //! Each org is read atomically (one redb read transaction; one Lua script on Redis); orgs are
@@ -55,7 +64,10 @@ pub struct KeyDump {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrgDump {
     pub record: OrgRecord,
-    /// The whole ledger, oldest first; entry i (1-based) has `seq` i.
+    /// Entries trimmed from the start of the ledger: `ledger` starts at seq
+    /// `ledger_trimmed + 1`.
+    pub ledger_trimmed: u64,
+    /// The ledger as kept, oldest first; entry i (1-based) has `seq` `ledger_trimmed + i`.
     pub ledger: Vec<LedgerEntry>,
     pub keys: Vec<KeyDump>,
 }
@@ -64,10 +76,23 @@ pub struct OrgDump {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "line", rename_all = "snake_case")]
 pub enum Line {
-    CreditdExport { format: u32 },
-    Org { record: OrgRecord },
-    Ledger { org: OrgId, entry: LedgerEntry },
-    Key { org: OrgId, key: KeyDump },
+    CreditdExport {
+        format: u32,
+    },
+    Org {
+        record: OrgRecord,
+        /// Entries trimmed from the start of the org's ledger; absent when none were.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        ledger_trimmed: u64,
+    },
+    Ledger {
+        org: OrgId,
+        entry: LedgerEntry,
+    },
+    Key {
+        org: OrgId,
+        key: KeyDump,
+    },
 }
 
 /// Why an export could not be read or imported.
@@ -85,13 +110,17 @@ pub enum ImportError {
     Store(#[from] StoreError),
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 impl OrgDump {
     /// Closes what nodes held, as the store closes a node that died, with its ledger entries.
     pub fn close_nodes(&mut self, prior: PriorLife, at_ms: u64) -> Result<(), StoreError> {
         let nodes: Vec<_> = self.record.nodes.keys().cloned().collect();
         for node in nodes {
             for event in self.record.close_node(&node, prior)? {
-                let seq = self.ledger.len() as u64 + 1;
+                let seq = self.ledger_trimmed + self.ledger.len() as u64 + 1;
                 self.ledger.push(LedgerEntry { seq, at_ms, event });
             }
         }
@@ -99,7 +128,19 @@ impl OrgDump {
         Ok(())
     }
 
-    /// What an import requires: conserved, no node holdings, a whole ledger, known scopes.
+    /// Drops the oldest entries as a store keeping `retain` would after its last append: down
+    /// to `retain` once there are more than [`crate::config::ledger_trim_at`]`(retain)`.
+    pub fn trim_ledger(&mut self, retain: u64) {
+        let kept = self.ledger.len() as u64;
+        if kept > crate::config::ledger_trim_at(retain) {
+            let drop = (kept - retain) as usize;
+            self.ledger.drain(..drop);
+            self.ledger_trimmed += drop as u64;
+        }
+    }
+
+    /// What an import requires: conserved, no node holdings, a ledger without gaps from seq
+    /// `ledger_trimmed + 1`, known scopes.
     pub fn validate(&self) -> Result<(), String> {
         if !self.record.is_conserved() {
             return Err("not conserved (purchased != balances + held + used)".into());
@@ -113,12 +154,18 @@ impl OrgDump {
                 self.record.primary
             ));
         }
+        let first = self
+            .ledger_trimmed
+            .checked_add(1)
+            .ok_or("ledger_trimmed is too large")?;
         for (i, entry) in self.ledger.iter().enumerate() {
-            if entry.seq != i as u64 + 1 {
+            if Some(entry.seq) != first.checked_add(i as u64) {
                 return Err(format!(
-                    "ledger entry {} has seq {}; the ledger must be whole, from seq 1",
+                    "ledger entry {} has seq {}; the ledger must have no gap, from seq {first} \
+                     ({} trimmed before it)",
                     i + 1,
-                    entry.seq
+                    entry.seq,
+                    self.ledger_trimmed
                 ));
             }
         }
@@ -144,6 +191,7 @@ impl OrgDump {
         let mut lines = Vec::with_capacity(1 + self.ledger.len() + self.keys.len());
         lines.push(Line::Org {
             record: self.record.clone(),
+            ledger_trimmed: self.ledger_trimmed,
         });
         lines.extend(self.ledger.iter().map(|entry| Line::Ledger {
             org: org.clone(),
@@ -224,7 +272,10 @@ pub fn read(input: impl BufRead) -> Result<Vec<OrgDump>, ImportError> {
                     "the first line must be the header {\"line\":\"creditd_export\",…}".into(),
                 ))
             }
-            Line::Org { record } => {
+            Line::Org {
+                record,
+                ledger_trimmed,
+            } => {
                 if dumps.contains_key(&record.org) {
                     return Err(invalid(format!("org {} appears twice", record.org)));
                 }
@@ -232,6 +283,7 @@ pub fn read(input: impl BufRead) -> Result<Vec<OrgDump>, ImportError> {
                     record.org.clone(),
                     OrgDump {
                         record,
+                        ledger_trimmed,
                         ledger: Vec::new(),
                         keys: Vec::new(),
                     },
@@ -292,14 +344,29 @@ mod tests {
     use crate::model::{Mode, WorkspaceId};
 
     fn export_text() -> String {
+        text_of(&dump())
+    }
+
+    fn text_of(dump: &OrgDump) -> String {
+        let mut out = Vec::new();
+        write_line(&mut out, &Line::CreditdExport { format: FORMAT }).unwrap();
+        for line in dump.lines() {
+            write_line(&mut out, &line).unwrap();
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    /// An org with a ledger of two entries: seq 1 and 2.
+    fn dump() -> OrgDump {
         let org = OrgId::parse("acme", "org").unwrap();
         let primary = WorkspaceId::parse("primary", "w").unwrap();
         let (mut record, created) = OrgRecord::new(org.clone(), Mode::Shared, primary);
         let bought = record
             .purchase(crate::model::Amount::new(100).unwrap())
             .unwrap();
-        let dump = OrgDump {
+        OrgDump {
             record,
+            ledger_trimmed: 0,
             ledger: vec![
                 LedgerEntry {
                     seq: 1,
@@ -313,17 +380,82 @@ mod tests {
                 },
             ],
             keys: Vec::new(),
-        };
-        let mut out = Vec::new();
-        write_line(&mut out, &Line::CreditdExport { format: FORMAT }).unwrap();
-        for line in dump.lines() {
-            write_line(&mut out, &line).unwrap();
         }
-        String::from_utf8(out).unwrap()
+    }
+
+    /// The same org after 40 more purchases of 1, with its ledger trimmed after every append
+    /// as a store keeping 10 entries trims it.
+    fn trimmed_dump() -> OrgDump {
+        let mut d = dump();
+        for seq in 3..=42 {
+            let event = d
+                .record
+                .purchase(crate::model::Amount::new(1).unwrap())
+                .unwrap();
+            d.ledger.push(LedgerEntry {
+                seq,
+                at_ms: seq,
+                event,
+            });
+            d.trim_ledger(10);
+        }
+        d
     }
 
     fn refusal(text: &str) -> String {
         read(text.as_bytes()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_ledger_is_trimmed_as_a_store_trims_it() {
+        let d = trimmed_dump();
+        // 42 entries; trimmed back to 10 whenever more than 11 were kept: at 12, 22, 32, 42.
+        assert_eq!(d.ledger_trimmed, 32);
+        assert_eq!(d.ledger.len(), 10);
+        assert_eq!(d.ledger[0].seq, 33);
+        assert_eq!(d.ledger.last().unwrap().seq, 42);
+        assert_eq!(d.record.purchased, 140);
+        d.validate().unwrap();
+        // Short enough: nothing is trimmed.
+        let mut whole = dump();
+        whole.trim_ledger(1);
+        assert_eq!((whole.ledger_trimmed, whole.ledger.len()), (0, 2));
+    }
+
+    #[test]
+    fn a_trimmed_ledger_round_trips_with_its_numbering() {
+        let d = trimmed_dump();
+        let text = text_of(&d);
+        assert!(text.contains("\"ledger_trimmed\":32"), "{text}");
+        let read = read(text.as_bytes()).unwrap();
+        assert_eq!(read, vec![d.clone()]);
+        // Exported again, the same text.
+        assert_eq!(text_of(&read[0]), text);
+    }
+
+    #[test]
+    fn an_untrimmed_export_is_the_text_it_always_was() {
+        // No `ledger_trimmed` on the org line: files written before trimming read the same.
+        let text = export_text();
+        assert!(!text.contains("ledger_trimmed"), "{text}");
+        assert_eq!(read(text.as_bytes()).unwrap()[0].ledger_trimmed, 0);
+    }
+
+    #[test]
+    fn a_trimmed_ledger_with_a_gap_or_a_wrong_count_is_refused() {
+        let text = text_of(&trimmed_dump());
+        // The count says 31 trimmed, but the first entry is seq 33: one is missing.
+        let short = text.replace("\"ledger_trimmed\":32", "\"ledger_trimmed\":31");
+        assert!(
+            refusal(&short).contains("must have no gap, from seq 32"),
+            "{}",
+            refusal(&short)
+        );
+        // Without the count, a ledger starting at 33 is not whole.
+        let lost = text.replace(",\"ledger_trimmed\":32", "");
+        assert!(refusal(&lost).contains("has seq 33"), "{}", refusal(&lost));
+        let gap = text.replacen("\"seq\":40", "\"seq\":41", 1);
+        assert!(refusal(&gap).contains("has seq 41"), "{}", refusal(&gap));
     }
 
     #[test]

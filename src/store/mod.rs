@@ -115,6 +115,12 @@ pub struct LedgerPage {
     pub entries: Vec<LedgerEntry>,
     /// Cursor for the next page, if there may be more.
     pub next: Option<u64>,
+    /// Entries trimmed from the start of the org's ledger (`ledger_retain`): those with seq 1
+    /// to `trimmed` are no longer kept, and the first kept has seq `trimmed + 1`. A page after
+    /// a cursor below that starts at the first kept entry. The org's totals are counters and
+    /// still count what the trimmed entries recorded.
+    #[serde(default)]
+    pub trimmed: u64,
 }
 
 /// What the store says when a node starts.
@@ -241,7 +247,7 @@ pub trait Store: Send + Sync + 'static {
         Err(no_export(self.kind()))
     }
 
-    /// One org as it is at one instant (record, whole ledger, live idempotency keys), or
+    /// One org as it is at one instant (record, ledger as kept, live idempotency keys), or
     /// `None` if it does not exist. Node holdings are left in the record as stored.
     async fn export_org(&self, _org: &OrgId) -> Result<Option<export::OrgDump>, StoreError> {
         Err(no_export(self.kind()))

@@ -1,5 +1,6 @@
 -- common.lua: helpers shared by every script of the Redis store. It is not run on its own:
--- each script is built as the model's constants (CAP, ID_BYTES_MAX: `constants()` in conn.rs),
+-- each script is built as the model's constants (CAP, ID_BYTES_MAX, and the store's ledger
+-- retention LEDGER_RETAIN and LEDGER_TRIM_AT: `constants()` in conn.rs),
 -- this file, then the script's own file, so that every script is one self-contained EVAL. Each script's own header names
 -- its KEYS, ARGV, reply and the invariant it keeps.
 --
@@ -327,15 +328,30 @@ local function write_node(prefix, id, s)
   redis.call('SADD', prefix .. 'nodes', id)
 end
 
--- Appends ledger entries (JSON members after seq and at_ms, see `ev`) with the next seqs.
+-- Appends ledger entries to the org's ledger and keeps it bounded; self-contained (it reads
+-- what it needs, so any script that appends calls only this). `events` are the JSON members
+-- after seq and at_ms (see ev below); entries are JSON built here, numbers written with fmt();
+-- ids need no escaping (their characters are A-Z a-z 0-9 . _ : -).
+--   The list `ledger` holds the entries kept; the meta field `ledger_trimmed` (absent: 0)
+--   counts the entries trimmed from its head. Entry i of the list (1-based) has seq
+--   ledger_trimmed + i, so a new entry's seq is ledger_trimmed + LLEN + 1 and a seq never
+--   changes or repeats.
+--   Once the list holds more than LEDGER_TRIM_AT entries, the oldest are trimmed down to
+--   LEDGER_RETAIN in chunks (LTRIM is O(entries removed): amortized O(1) per entry appended),
+--   and ledger_trimmed grows by as many. The org's totals are counters: trimming changes none.
+-- It may refuse (a corrupt ledger_trimmed) before its first write only: call it before the
+-- script's other writes.
 local function append_ledger(prefix, events, at_ms)
   if #events == 0 then
     return
   end
-  local base = redis.call('LLEN', prefix .. 'ledger')
+  local key = prefix .. 'ledger'
+  local trimmed = counter(redis.call('HGET', prefix .. 'meta', 'ledger_trimmed') or '0',
+    'ledger_trimmed')
+  local len = redis.call('LLEN', key)
   local entries = {}
   for i, e in ipairs(events) do
-    entries[#entries + 1] = '{"seq":' .. fmt(base + i) .. ',"at_ms":' .. fmt(at_ms)
+    entries[#entries + 1] = '{"seq":' .. fmt(trimmed + len + i) .. ',"at_ms":' .. fmt(at_ms)
       .. ',' .. e .. '}'
   end
   for i = 1, #entries, CHUNK do
@@ -343,15 +359,21 @@ local function append_ledger(prefix, events, at_ms)
     for j = i, math.min(i + CHUNK - 1, #entries) do
       part[#part + 1] = entries[j]
     end
-    redis.call('RPUSH', prefix .. 'ledger', unpack(part))
+    redis.call('RPUSH', key, unpack(part))
+  end
+  len = len + #entries
+  if len > LEDGER_TRIM_AT then
+    local drop = len - LEDGER_RETAIN
+    redis.call('LTRIM', key, drop, -1)
+    redis.call('HSET', prefix .. 'meta', 'ledger_trimmed', fmt(trimmed + drop))
   end
 end
 
 -- Writes what changed (st.changed, st.dirty_ws, st.dirty_nodes) and appends the ledger
--- entries. Ledger entries are JSON built here, numbers written with fmt(); ids need no
--- escaping (their characters are A-Z a-z 0-9 . _ : -).
+-- entries (append_ledger, first: it is the one step here that may refuse).
 local function save(st, events, at_ms)
   local prefix = st.prefix
+  append_ledger(prefix, events, at_ms)
   redis.call('HSET', prefix .. 'meta', 'org', st.org, 'mode', st.mode, 'primary', st.primary,
     'purchased', fmt(st.purchased), 'used_deleted', fmt(st.used_deleted),
     'version', fmt(st.version))
@@ -378,7 +400,6 @@ local function save(st, events, at_ms)
   for id in pairs(st.dirty_nodes) do
     write_node(prefix, id, st.nodes[id])
   end
-  append_ledger(prefix, events, at_ms)
 end
 
 -- Ledger events: the JSON members after seq and at_ms (LedgerEvent, tagged by "kind").

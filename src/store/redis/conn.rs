@@ -29,6 +29,8 @@ impl Conn {
 }
 
 /// A Lua script: its source (the constants, the common prelude, then the script) and SHA1.
+/// The constants include the store's `ledger_retain`, so the source (and its SHA1) depends on
+/// that setting: nodes configured alike share one cached script.
 pub(super) struct LuaScript {
     /// Metric label of one EVALSHA of it (`redis_<script>`).
     op: &'static str,
@@ -37,14 +39,14 @@ pub(super) struct LuaScript {
 }
 
 macro_rules! lua {
-    ($op:literal, $file:literal) => {
-        LuaScript::new($op, include_str!($file))
+    ($constants:expr, $op:literal, $file:literal) => {
+        LuaScript::new($constants, $op, include_str!($file))
     };
 }
 
 impl LuaScript {
-    fn new(op: &'static str, script: &str) -> Self {
-        let source = format!("{}{}{script}", constants(), include_str!("common.lua"));
+    fn new(constants: &str, op: &'static str, script: &str) -> Self {
+        let source = format!("{constants}{}{script}", include_str!("common.lua"));
         LuaScript {
             op,
             sha: redis::Script::new(&source).get_hash().to_string(),
@@ -54,12 +56,17 @@ impl LuaScript {
 }
 
 /// The model's bounds as Lua locals, so that the scripts enforce the same numbers without
-/// writing them a second time.
-fn constants() -> String {
+/// writing them a second time; and the ledger's retention (`ledger_retain`, and the length at
+/// which `append_ledger` trims back to it, [`crate::config::ledger_trim_at`]), a setting of
+/// the deployment that every appending script needs: as a constant it reaches them without
+/// an argument of its own.
+fn constants(ledger_retain: u64) -> String {
     format!(
-        "local CAP = {}\nlocal ID_BYTES_MAX = {}\n",
+        "local CAP = {}\nlocal ID_BYTES_MAX = {}\nlocal LEDGER_RETAIN = {}\nlocal LEDGER_TRIM_AT = {}\n",
         crate::model::CREDITS_MAX,
-        crate::model::ID_BYTES_MAX
+        crate::model::ID_BYTES_MAX,
+        ledger_retain,
+        crate::config::ledger_trim_at(ledger_retain)
     )
 }
 
@@ -76,24 +83,26 @@ pub(super) struct Scripts {
 }
 
 impl Scripts {
-    pub fn new() -> Self {
+    /// The scripts of a store keeping `ledger_retain` ledger entries per org.
+    pub fn new(ledger_retain: u64) -> Self {
+        let c = &constants(ledger_retain);
         Scripts {
-            create_org: lua!("redis_create_org", "create_org.lua"),
-            load: lua!("redis_load_org", "load.lua"),
-            ledger: lua!("redis_ledger", "ledger.lua"),
-            apply: lua!("redis_apply", "apply.lua"),
-            settle: lua!("redis_settle", "settle.lua"),
-            start_node: lua!("redis_start_node", "start_node.lua"),
-            export: lua!("redis_export_org", "export.lua"),
-            import: lua!("redis_import_org", "import.lua"),
+            create_org: lua!(c, "redis_create_org", "create_org.lua"),
+            load: lua!(c, "redis_load_org", "load.lua"),
+            ledger: lua!(c, "redis_ledger", "ledger.lua"),
+            apply: lua!(c, "redis_apply", "apply.lua"),
+            settle: lua!(c, "redis_settle", "settle.lua"),
+            start_node: lua!(c, "redis_start_node", "start_node.lua"),
+            export: lua!(c, "redis_export_org", "export.lua"),
+            import: lua!(c, "redis_import_org", "import.lua"),
         }
     }
 }
 
 /// The SHA1 under which Redis caches the script with metric label `op` (`redis_settle`…), to
-/// look for it in `SCRIPT EXISTS`.
+/// look for it in `SCRIPT EXISTS`, as built for the default `ledger_retain`.
 pub fn script_sha(op: &str) -> Option<String> {
-    let scripts = Scripts::new();
+    let scripts = Scripts::new(crate::config::DEFAULT_LEDGER_RETAIN);
     [
         scripts.create_org,
         scripts.load,

@@ -1,12 +1,14 @@
 -- export.lua: reads one org whole in one atomic snapshot (read only): its state, every ledger
--- entry, and every remembered idempotency key still live.
+-- entry kept (and how many were trimmed before them), and every remembered idempotency key
+-- still live.
 --
 -- KEYS: 1 creditd:{org}:meta, 2 creditd:{org}:bal, 3 creditd:{org}:used,
 --       4 creditd:{org}:nodes, 5 creditd:{org}:ledger, 6 creditd:{org}:idem
 -- ARGV: 1 org
 -- Reply: {'none'} when the org does not exist, else
---        {'ok', n, entry_1 .. entry_n, m, m × (name, fingerprint, returned, state, expires_ms),
---         state...}: the ledger's JSON entries oldest first; each key's name is
+--        {'ok', t, n, entry_1 .. entry_n, m, m × (name, fingerprint, returned, state,
+--         expires_ms), state...}: t the meta's `ledger_trimmed`, then the ledger's JSON entries
+--        kept, oldest first (seq t + 1 to t + n); each key's name is
 --        `<scope>:<key>`, its state the remembered state_tokens() joined by spaces; the org's
 --        state_tokens() last. Or {'err', 'corrupt', why}.
 -- Invariant: one consistent instant of the org (a script runs alone), checked to be conserved;
@@ -20,7 +22,8 @@ return run(function()
     return { 'none' }
   end
   check_conserved(st)
-  local reply = { 'ok' }
+  local trimmed = counter(redis.call('HGET', KEYS[1], 'ledger_trimmed') or '0', 'ledger_trimmed')
+  local reply = { 'ok', fmt(trimmed) }
   local entries = redis.call('LRANGE', KEYS[5], 0, -1)
   reply[#reply + 1] = tostring(#entries)
   for _, e in ipairs(entries) do

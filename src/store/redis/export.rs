@@ -248,6 +248,7 @@ impl RedisStore {
         };
         let mut t = Tokens::new(rest, "export");
         let bad = |why: String| StoreError::Corrupt(format!("export of org {org}: {why}"));
+        let ledger_trimmed = t.u64()?;
         let entries = t.u64()?;
         let mut ledger = Vec::new();
         for _ in 0..entries {
@@ -288,6 +289,7 @@ impl RedisStore {
         let record = t.record(org)?;
         Ok(Some(OrgDump {
             record,
+            ledger_trimmed,
             ledger,
             keys,
         }))
@@ -296,6 +298,10 @@ impl RedisStore {
     pub(super) async fn import_one(&self, dump: &OrgDump) -> Result<(), StoreError> {
         dump.validate()
             .map_err(|why| StoreError::Corrupt(format!("org {}: {why}", dump.record.org)))?;
+        // A ledger longer than this store keeps is trimmed as an append would trim it.
+        let mut dump = dump.clone();
+        dump.trim_ledger(self.inner.options.ledger_retain);
+        let dump = &dump;
         let r = &dump.record;
         let org = &r.org;
         let mut args = vec![
@@ -310,6 +316,7 @@ impl RedisStore {
         for (ws, w) in &r.workspaces {
             args.extend([ws.to_string(), w.balance.to_string(), w.used.to_string()]);
         }
+        args.push(dump.ledger_trimmed.to_string());
         args.push(dump.ledger.len().to_string());
         for entry in &dump.ledger {
             args.push(

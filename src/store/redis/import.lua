@@ -4,12 +4,14 @@
 --       4 creditd:{org}:nodes, 5 creditd:{org}:ledger, 6 creditd:{org}:idem
 -- ARGV: 1 org, 2 mode, 3 primary, 4 purchased, 5 used_deleted, 6 version,
 --       7 w, then w × (workspace, balance, used),
---       then n, then n ledger entries (JSON, seq 1..n in order),
+--       then t (ledger entries trimmed before the first), then n, then n ledger entries (JSON,
+--       seq t + 1 .. t + n in order),
 --       then m, then m × (name `<scope>:<key>`, fingerprint, returned, state, expires_ms)
 -- Reply: {'ok'}, or {'err', 'org_exists'} (nothing written), or {'err', 'invalid', why}.
 -- Invariant: an org is written whole or not at all: every argument is read and checked
 --   before the first write, and no key of the org may exist (the caller checked the export
---   against the model's rules: conserved, no node holdings, a whole ledger). Keys already
+--   against the model's rules: conserved, no node holdings, a ledger without gaps; and trimmed
+--   it to this store's LEDGER_RETAIN as an append would). Keys already
 --   expired are skipped; the others expire when they would have in the exporting store.
 return run(function()
   local org = arg_id(1, 'org')
@@ -32,6 +34,10 @@ return run(function()
     ws_items[#ws_items + 1] = name; ws_items[#ws_items + 1] = fmt(arg_number(i + 1, 'balance'))
     used_items[#used_items + 1] = name; used_items[#used_items + 1] = fmt(arg_number(i + 2, 'used'))
     i = i + 3
+  end
+  local trimmed = take_count('ledger entries trimmed')
+  if trimmed > CAP then
+    refuse('invalid', 'ledger entries trimmed (ARGV[' .. (i - 1) .. ']) exceed 2^53-1')
   end
   local entries = {}
   for _ = 1, take_count('ledger entries') do
@@ -61,6 +67,9 @@ return run(function()
 
   redis.call('HSET', KEYS[1], 'org', org, 'mode', mode, 'primary', primary,
     'purchased', fmt(purchased), 'used_deleted', fmt(used_deleted), 'version', fmt(version))
+  if trimmed > 0 then
+    redis.call('HSET', KEYS[1], 'ledger_trimmed', fmt(trimmed))
+  end
   call_chunked('HSET', KEYS[2], ws_items)
   call_chunked('HSET', KEYS[3], used_items)
   for s = 1, #entries, CHUNK do

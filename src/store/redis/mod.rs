@@ -9,12 +9,12 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `creditd:{org}:meta` | hash | `org`, `mode`, `primary`, `purchased`, `used_deleted`, `version`, `created_by` (call id) |
+//! | `creditd:{org}:meta` | hash | `org`, `mode`, `primary`, `purchased`, `used_deleted`, `version`, `created_by` (call id), `ledger_trimmed` (ledger entries trimmed from the head; absent: 0) |
 //! | `creditd:{org}:bal` | hash | workspace → balance no node has leased |
 //! | `creditd:{org}:used` | hash | workspace → credits consumed |
 //! | `creditd:{org}:nodes` | set | nodes that ever settled the org |
 //! | `creditd:{org}:node:<node>` | hash | `epoch`, `seq`, `seen_ms`, `grants` (last batch's, for retries), `l:<spender>` lease, `h:<workspace>` held, `f:<spender>` held by the lease it came from |
-//! | `creditd:{org}:ledger` | list | JSON ledger entries; the i-th (1-based) has `seq` i |
+//! | `creditd:{org}:ledger` | list | JSON ledger entries kept (at most about `ledger_retain`); the i-th (1-based) has `seq` `ledger_trimmed` + i |
 //! | `creditd:{org}:idem` | sorted set | remembered idempotency keys, scored by expiry (ms) |
 //! | `creditd:{org}:idem:<scope>:<key>` | hash, `PX` TTL | fingerprint, outcome (`returned`, state) |
 //! | `creditd:{org}:idem:call:<call id>` | hash, `PX` TTL | `fp`, `returned` only, for a call without a key (no copy of the state) |
@@ -535,30 +535,31 @@ impl Store for RedisStore {
             format!("{}meta", prefix(org)),
             format!("{}ledger", prefix(org)),
         ];
-        let args = [
-            org.to_string(),
-            after.to_string(),
-            (after + limit as u64).to_string(),
-        ];
+        let args = [org.to_string(), after.to_string(), (limit + 1).to_string()];
         let tokens = self
             .inner
             .redis
             .eval(&self.inner.scripts.ledger, &keys, &args)
             .await?;
-        let rest = match status(org, None, &tokens)? {
+        let (trimmed, rest) = match status(org, None, &tokens)? {
             ("none", _) => return Err(StoreError::UnknownOrg(org.clone())),
-            ("ok", rest) => rest,
+            ("ok", [trimmed, rest @ ..]) => (trimmed, rest),
             (other, _) => return Err(unexpected("ledger", other)),
         };
+        let trimmed = trimmed
+            .parse::<u64>()
+            .map_err(|_| StoreError::Corrupt(format!("ledger_trimmed of {org}: `{trimmed}`")))?;
+        // A cursor inside the trimmed part reads on from the first kept entry.
+        let start = after.max(trimmed);
         let more = rest.len() > limit;
         let mut entries = Vec::with_capacity(rest.len().min(limit));
         for (i, json) in rest.iter().take(limit).enumerate() {
             let entry: LedgerEntry = serde_json::from_str(json)
                 .map_err(|e| StoreError::Corrupt(format!("ledger entry of {org}: {e}")))?;
-            if entry.seq != after + i as u64 + 1 {
+            if entry.seq != start + i as u64 + 1 {
                 return Err(StoreError::Corrupt(format!(
                     "ledger entry of {org} at position {} has seq {}",
-                    after + i as u64 + 1,
+                    start + i as u64 + 1,
                     entry.seq
                 )));
             }
@@ -569,7 +570,11 @@ impl Store for RedisStore {
         } else {
             None
         };
-        Ok(LedgerPage { entries, next })
+        Ok(LedgerPage {
+            entries,
+            next,
+            trimmed,
+        })
     }
 
     /// Nothing to do: remembered keys expire with their Redis TTL, and `apply` trims the

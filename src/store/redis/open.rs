@@ -35,6 +35,9 @@ pub struct RedisOptions {
     pub idempotency_keys_max: usize,
     /// Entries (lines, releases, wants) one settle batch may carry.
     pub settle_entries_max: usize,
+    /// Ledger entries kept per org (`ledger_retain`): every script that appends trims the
+    /// oldest beyond it (see `append_ledger` in `common.lua`).
+    pub ledger_retain: u64,
 }
 
 impl RedisOptions {
@@ -49,6 +52,7 @@ impl RedisOptions {
             settle_entries_max: config
                 .workspaces_max
                 .saturating_mul(SETTLE_ENTRIES_PER_WORKSPACE),
+            ledger_retain: config.ledger_retain,
         }
     }
 }
@@ -95,7 +99,7 @@ impl RedisStore {
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 redis,
-                scripts: Scripts::new(),
+                scripts: Scripts::new(options.ledger_retain),
                 options,
                 notices: tx,
                 subscriber: subscriber.abort_handle(),

@@ -496,9 +496,12 @@ local function touched_workspaces(st, b, closing)
 end
 
 -- Writes what changed: workspace counters, used_deleted, the settling node (field by field,
--- or whole after a new life), closed nodes (whole), and the ledger.
+-- or whole after a new life), closed nodes (whole).
+-- The ledger is appended first.
 local function save_settle(st, node, share, fields, events, now)
   local prefix = st.prefix
+  -- First: the only step that may refuse (a corrupt ledger_trimmed), before any write.
+  append_ledger(prefix, events, now)
   local set_bal, set_used = {}, {}
   for name in pairs(st.dirty_ws) do
     local w = st.ws[name]
@@ -532,7 +535,6 @@ local function save_settle(st, node, share, fields, events, now)
     end
     redis.call('SADD', prefix .. 'nodes', node)
   end
-  append_ledger(prefix, events, now)
 end
 
 return run(function()
