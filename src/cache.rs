@@ -221,6 +221,12 @@ impl Lease {
         self.rate_per_s.load(Ordering::Relaxed)
     }
 
+    /// Starts from the spending rate of `old`, the same spender's lease in a state this one
+    /// replaces: a change to the org does not make a busy spender look idle.
+    pub fn carry_rate(&self, old: &Lease) {
+        self.rate_per_s.store(old.rate_per_s(), Ordering::Relaxed);
+    }
+
     /// Folds the spending of the last `elapsed` into the rate (an average weighted half to the
     /// newest observation, so a lease follows a change of load within a few settles).
     pub fn observe_spending(&self, spent: u64, elapsed: std::time::Duration) {

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::settle::Wants;
 use super::{Node, NodeError};
-use crate::cache::{Account, AskStore, Decision, Spend};
+use crate::cache::{Account, AskStore, Decision, Spend, STORE_LEFT_UNKNOWN};
 use crate::model::{Amount, Mode, WorkspaceId};
 
 /// A reservation made, or refused.
@@ -181,6 +181,15 @@ impl Node {
     pub async fn balance(&self, org: &str, ws: &str) -> Result<(u64, Mode), NodeError> {
         let account = self.account(org, ws).await?;
         let slot = self.slot(org).await?;
+        if account.lease.store_left() == STORE_LEFT_UNKNOWN {
+            // No answer named this spender yet (a settle answers only the spenders its batch
+            // names, and an idle one is not leased ahead): ask, without taking a lease. On
+            // failure the answer is what the node knows.
+            let spender = account.lease.spender.clone();
+            let _ = self
+                .settle_slots(std::slice::from_ref(&slot), Wants::Refresh(spender))
+                .await;
+        }
         Ok((account.lease.remaining(), slot.current().mode))
     }
 

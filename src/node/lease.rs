@@ -14,17 +14,26 @@ impl Node {
         state: &OrgState,
         wants: &Wants,
         recalled: bool,
-        release: &mut Vec<(WorkspaceId, u64)>,
+        release: &mut super::settle::Releases,
     ) -> Vec<(WorkspaceId, u64)> {
         let mut want = Vec::new();
         match wants {
             Wants::None => {}
             Wants::All if recalled => {}
             Wants::All => {
+                let adaptive = matches!(self.options.lease_policy, LeasePolicy::Adaptive { .. });
                 for lease in &state.leases {
                     // A dry spender is asked for again only after a refusal: the answer
                     // refreshes what this node knows of it (and grants what came back).
-                    if lease.store_left() == 0 && !lease.take_refresh() {
+                    let refresh = lease.store_left() == 0 && lease.take_refresh();
+                    if lease.store_left() == 0 && !refresh {
+                        continue;
+                    }
+                    // In a cluster a spender this node has never spent from is not leased
+                    // ahead of need: its first debit asks. Otherwise every node would hold a
+                    // lease of every workspace of every org it loaded, and each settle after a
+                    // change would lease the whole org again.
+                    if adaptive && !refresh && lease.rate_per_s() == 0 && lease.credits() == 0 {
                         continue;
                     }
                     let target = self.lease_target(lease);
@@ -52,6 +61,7 @@ impl Node {
                     want.push((lease.spender.clone(), target.max(*at_least)));
                 }
             }
+            Wants::Refresh(spender) => want.push((spender.clone(), 0)),
             Wants::Recall => {
                 for lease in &state.leases {
                     // Unknown first: a debit that finds the lease gone must ask the store (and

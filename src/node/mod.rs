@@ -235,6 +235,9 @@ pub(crate) struct SettleStream {
     /// When the last batch was built: spending rates are measured over it, heartbeats
     /// timed from it.
     pub last_batch: tokio::time::Instant,
+    /// False until this life sent the org a batch: the first is sent even with nothing in
+    /// it, since it closes what a previous life of the node still holds there.
+    pub sent_any: bool,
     /// The highest sequence number of this life the store acknowledged for the org: a reply
     /// that says the store had less forgot acknowledged writes.
     pub acked_seq: u64,
@@ -245,6 +248,7 @@ impl Default for SettleStream {
         SettleStream {
             pending: None,
             last_batch: tokio::time::Instant::now(),
+            sent_any: false,
             acked_seq: 0,
         }
     }
@@ -507,6 +511,12 @@ impl Node {
     /// Replaces the org's state by one built from `record`, retiring the old one.
     pub(crate) fn rebuild(&self, slot: &OrgSlot, record: &OrgRecord) {
         let state = Arc::new(OrgState::build(record, self.options.lease_term.is_some()));
+        let previous = slot.current();
+        for lease in &state.leases {
+            if let Some(old) = previous.lease(&lease.spender) {
+                lease.carry_rate(old);
+            }
+        }
         let old = {
             let mut current = slot.state.write();
             std::mem::replace(&mut *current, Arc::clone(&state))

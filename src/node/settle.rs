@@ -27,6 +27,9 @@ pub(crate) enum Wants {
     Recall,
     /// Lease for one spender, at least this much if the store has it.
     One(WorkspaceId, u64),
+    /// Nothing, but name this spender (a want of 0), so that the answer says what the store
+    /// and the other nodes have of it.
+    Refresh(WorkspaceId),
 }
 
 impl Node {
@@ -157,8 +160,8 @@ impl Node {
             .chain(std::iter::once(&state))
             .flat_map(|s| s.accounts.iter().filter_map(|a| a.collect()))
             .collect();
-        // One release per spender (the store bounds a batch's entries).
-        let mut release = Vec::new();
+        // One release per spender (the store bounds a batch's entries), in spender order.
+        let mut release = Releases::new();
         // What reservations did not charge goes back to the store, not into the lease
         // (`Account::finish_reservation`): each line's release moves it from the reservation
         // to the lease, and this from the lease to the spender's balance.
@@ -172,19 +175,20 @@ impl Node {
         let want = self.wanted(&state, wants, slot.is_recalled(), &mut release);
         let now = Instant::now();
         let elapsed = now.duration_since(stream.last_batch);
-        let heartbeat_due = elapsed >= self.options.heartbeat_interval;
+        let heartbeat_due = elapsed >= self.options.heartbeat_interval || !stream.sent_any;
         if lines.is_empty() && release.is_empty() && want.is_empty() && !heartbeat_due {
             return None;
         }
         observe_rates(&state, &lines, elapsed);
         stream.last_batch = now;
+        stream.sent_any = true;
         Some(SettleBatch {
             node: self.node_id.clone(),
             epoch: self.epoch(),
             seq: self.next_seq(),
             version: state.version,
             lines,
-            release,
+            release: release.into_iter().collect(),
             want,
         })
     }
@@ -274,14 +278,20 @@ fn drop_if_refused(slot: &OrgSlot, stream: &mut SettleStream, e: &NodeError) {
     }
 }
 
-/// Adds `n` credits given back for `spender` to `release`, one entry per spender.
-pub(super) fn add_release(release: &mut Vec<(WorkspaceId, u64)>, spender: &WorkspaceId, n: u64) {
+/// Leases given back in one batch, by spender.
+pub(super) type Releases = std::collections::BTreeMap<WorkspaceId, u64>;
+
+/// Adds `n` credits given back for `spender` to `release` (a map: a recall gives back every
+/// lease of an org, and a search per lease would be quadratic in the org).
+pub(super) fn add_release(release: &mut Releases, spender: &WorkspaceId, n: u64) {
     if n == 0 {
         return;
     }
-    match release.iter_mut().find(|(s, _)| s == spender) {
-        Some((_, m)) => *m = m.saturating_add(n),
-        None => release.push((spender.clone(), n)),
+    match release.get_mut(spender) {
+        Some(m) => *m = m.saturating_add(n),
+        None => {
+            release.insert(spender.clone(), n);
+        }
     }
 }
 

@@ -28,6 +28,7 @@ impl Node {
         for (slot, stream) in slots.iter().zip(streams.iter_mut()) {
             set_pending(slot, stream, None);
             stream.acked_seq = 0;
+            stream.sent_any = false;
             self.forfeit(slot);
             let state = slot.current();
             let retired = slot.retired.lock().clone();
