@@ -21,6 +21,9 @@ pub const DEFAULT_NODE_ID: &str = "node-1";
 pub const DEFAULT_SETTLE_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_LEASE_WAIT_MAX: Duration = Duration::from_millis(500);
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+/// A node record of an org that holds nothing is removed once its node has not settled the org
+/// for this long (cluster only): pods come and go under new names.
+pub const DEFAULT_NODE_FORGET_AFTER: Duration = Duration::from_secs(3600);
 pub const DEFAULT_BODY_BYTES_MAX: usize = 64 * 1024;
 pub const DEFAULT_ACCOUNTS_MAX: usize = 1_000_000;
 pub const DEFAULT_WORKSPACES_MAX: usize = 10_000;
@@ -70,6 +73,7 @@ pub mod bounds {
     pub const LEASE_WAIT_MAX: RangeInclusive<Duration> = ms(1)..=ms(MINUTE);
     /// Also more than twice `settle_interval`.
     pub const LEASE_TTL: RangeInclusive<Duration> = ms(1)..=ms(DAY);
+    pub const NODE_FORGET_AFTER: RangeInclusive<Duration> = ms(1)..=ms(365 * DAY);
     pub const LEASE_HORIZON: RangeInclusive<Duration> = ms(1)..=ms(HOUR);
     pub const RECALL_WAIT_MAX: RangeInclusive<Duration> = ms(1)..=ms(MINUTE);
     pub const IDEMPOTENCY_TTL: RangeInclusive<Duration> = ms(SECOND)..=ms(30 * DAY);
@@ -167,6 +171,11 @@ pub struct Config {
     /// A node that has not settled for this long loses its leases (cluster only).
     #[serde(deserialize_with = "de_duration")]
     pub lease_ttl: Duration,
+    /// Cluster: a node's record in an org, once it holds nothing, is removed after the node has
+    /// not settled the org for this long; a batch of that life is then refused and the node
+    /// starts a new life. More than twice `lease_ttl`.
+    #[serde(deserialize_with = "de_duration")]
+    pub node_forget_after: Duration,
     /// Cluster: a lease covers about this much of the spender's recent spending rate.
     #[serde(deserialize_with = "de_duration")]
     pub lease_horizon: Duration,
@@ -238,6 +247,7 @@ impl Default for Config {
             settle_interval: DEFAULT_SETTLE_INTERVAL,
             lease_wait_max: DEFAULT_LEASE_WAIT_MAX,
             lease_ttl: DEFAULT_LEASE_TTL,
+            node_forget_after: DEFAULT_NODE_FORGET_AFTER,
             lease_horizon: DEFAULT_LEASE_HORIZON,
             lease_share_max_percent: DEFAULT_LEASE_SHARE_MAX_PERCENT,
             outage_reserve_credits: DEFAULT_OUTAGE_RESERVE_CREDITS,
@@ -285,6 +295,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("settle_interval", Kind::Str),
     ("lease_wait_max", Kind::Str),
     ("lease_ttl", Kind::Str),
+    ("node_forget_after", Kind::Str),
     ("lease_horizon", Kind::Str),
     ("lease_share_max_percent", Kind::Int),
     ("outage_reserve_credits", Kind::Int),
@@ -499,6 +510,11 @@ impl Config {
         r.duration("settle_interval", self.settle_interval, b::SETTLE_INTERVAL);
         r.duration("lease_wait_max", self.lease_wait_max, b::LEASE_WAIT_MAX);
         r.duration("lease_ttl", self.lease_ttl, b::LEASE_TTL);
+        r.duration(
+            "node_forget_after",
+            self.node_forget_after,
+            b::NODE_FORGET_AFTER,
+        );
         r.duration("lease_horizon", self.lease_horizon, b::LEASE_HORIZON);
         r.duration("recall_wait_max", self.recall_wait_max, b::RECALL_WAIT_MAX);
         r.duration("idempotency_ttl", self.idempotency_ttl, b::IDEMPOTENCY_TTL);
@@ -560,6 +576,10 @@ impl Config {
         r.rule(
             self.lease_ttl > self.settle_interval * 2,
             "lease_ttl: must be more than twice settle_interval",
+        );
+        r.rule(
+            self.node_forget_after > self.lease_ttl * 2,
+            "node_forget_after: must be more than twice lease_ttl",
         );
         r.rule(
             self.reservation_ttl <= self.reservation_ttl_max

@@ -97,6 +97,7 @@ async fn every_setting_beyond_its_bound_is_refused_before_start() {
             ("CREDITD_IDEMPOTENCY_TTL", "100000000h"),
             ("CREDITD_RESERVATION_TTL_MAX", "1000000h"),
             ("CREDITD_REDIS_CALL_TIMEOUT", "0ms"),
+            ("CREDITD_EMBEDDED_CACHE_BYTES", "1024"),
         ],
     )
     .await;
@@ -108,10 +109,30 @@ async fn every_setting_beyond_its_bound_is_refused_before_start() {
             "idempotency_ttl: must be from 1s to 30d",
             "reservation_ttl_max: must be from 1ms to 7d",
             "redis_call_timeout: must be from 1ms to 1m",
+            "embedded_cache_bytes: must be from 1048576 to 68719476736",
         ],
     );
     assert!(!out.1.contains("listening"), "{}", out.1);
     assert!(!out.1.contains("panicked"), "{}", out.1);
+}
+
+/// Node records are forgotten only well after their leases could expire: node_forget_after
+/// must exceed twice lease_ttl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_forget_after_within_twice_lease_ttl_is_refused() {
+    let out = run(
+        &["serve"],
+        &[
+            ("CREDITD_LISTEN", "127.0.0.1:0"),
+            ("CREDITD_LEASE_TTL", "30s"),
+            ("CREDITD_NODE_FORGET_AFTER", "60s"),
+        ],
+    )
+    .await;
+    assert_refused(
+        &out,
+        &["node_forget_after: must be more than twice lease_ttl"],
+    );
 }
 
 /// The ledger is bounded: a retention of 0 (nothing kept, not even the last change) or beyond

@@ -485,6 +485,7 @@ impl Sim {
             lines,
             release,
             want: wants,
+            first: true,
         };
         let unclosed = node.unclosed.take();
         let prior = unclosed.map_or(PriorLife::CountAsConsumed, |(p, _)| p);

@@ -33,7 +33,7 @@ use tokio::time::Instant;
 
 use creditd::model::{
     Amount, LedgerEvent, Mode, NodeId, OrgId, OrgRecord, PriorLife, SettleBatch, SettleReply,
-    SettleView, WorkspaceId,
+    SettleView, Tombstone, WorkspaceId,
 };
 use creditd::node::{Decision, LeasePolicy, Node, NodeError, NodeOptions};
 use creditd::store::{
@@ -80,6 +80,9 @@ const ORG: &str = "acme";
 const PRIMARY: &str = "primary";
 const LEASE_TTL: Duration = Duration::from_secs(3);
 const SETTLE_INTERVAL: Duration = Duration::from_millis(100);
+/// Node records that hold nothing are forgotten after this (the product requires more than
+/// twice lease_ttl; the simulation forgets sooner, so that frozen nodes meet it).
+const NODE_FORGET_AFTER: Duration = Duration::from_millis(4500);
 
 /// How often each fault happens, per mille of store calls (or notices).
 #[derive(Debug, Clone, Copy, Default)]
@@ -102,6 +105,8 @@ struct Durable {
     /// Credits granted by every applied settle so far: a rollback forgets the grants of the
     /// writes it forgets.
     granted: u64,
+    /// What the store kept of node lives it forgot (Redis: `creditd:{org}:gone`).
+    gone: BTreeMap<NodeId, Tombstone>,
 }
 
 /// A point in the run: the simulated time, and the order of events within one instant (the
@@ -520,12 +525,26 @@ fn settle_one(
 ) -> Result<(SettleReply, SettleView), StoreError> {
     let now = w.now_ms();
     let ttl_ms = LEASE_TTL.as_millis() as u64;
+    let tombstone = w.durable.gone.get(&batch.node).copied();
     let record = w.org_mut(org)?;
+    if let Some(answer) = record.replay_forgotten(batch, tombstone.as_ref()) {
+        let view = record.settle_view(batch);
+        w.note(|| {
+            format!(
+                "settle {} s{}: a forgotten life's batch, answered again",
+                batch.node, batch.seq
+            )
+        });
+        return Ok((answer?, view));
+    }
     let mut next = record.clone();
     let (reply, mut events) = next.settle(batch, now, PriorLife::CountAsConsumed)?;
+    let mut forgotten = Vec::new();
+    let forget_ms = NODE_FORGET_AFTER.as_millis() as u64;
     w.unbacked += reply.unbacked;
     if reply.applied {
         events.extend(next.expire_nodes(now, ttl_ms, &batch.node)?);
+        forgotten = next.forget_nodes(now, forget_ms, &batch.node);
     }
     assert!(next.is_conserved(), "settle broke conservation");
     let record = next.clone();
@@ -534,6 +553,15 @@ fn settle_one(
         w.durable.org = Some(next);
         w.durable.ledger.extend(events.iter().cloned());
         w.durable.granted += reply.grants.iter().map(|(_, n)| n).sum::<u64>();
+        if !forgotten.is_empty() {
+            w.durable
+                .gone
+                .retain(|_, t| now.saturating_sub(t.at_ms) <= forget_ms);
+        }
+        for (gone, t) in forgotten {
+            w.note(|| format!("forgot {gone} {t:?}"));
+            w.durable.gone.insert(gone, t);
+        }
     }
     for e in &events {
         if matches!(e, LedgerEvent::LeaseExpired { .. }) {
@@ -852,6 +880,7 @@ async fn run_seed(seed: u64, tracing: bool) -> (Result<Outcome, String>, Vec<Str
             epochs: BTreeMap::new(),
             ledger: Vec::new(),
             granted: 0,
+            gone: BTreeMap::new(),
         },
         snapshots: VecDeque::new(),
         applied: Vec::new(),

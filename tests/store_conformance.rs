@@ -93,6 +93,7 @@ impl Batch {
             lines: Vec::new(),
             release: Vec::new(),
             want: Vec::new(),
+            first: true,
         })
     }
 
@@ -167,6 +168,7 @@ fn redis_options(url: &str) -> RedisOptions {
         idempotency_keys_max: 1000,
         settle_entries_max: 1000,
         ledger_retain: DEFAULT_LEDGER_RETAIN,
+        node_forget_after: Duration::from_secs(3600),
     }
 }
 
@@ -583,6 +585,7 @@ fn predict(
     batch: &SettleBatch,
     now_ms: u64,
     lease_ttl: Duration,
+    forget_after: Duration,
 ) -> (SettleReply, OrgRecord, Vec<LedgerEvent>) {
     let mut r = before.clone();
     let mut batch = batch.clone();
@@ -598,6 +601,7 @@ fn predict(
             r.expire_nodes(now_ms, lease_ttl.as_millis() as u64, &batch.node)
                 .expect("the model expires"),
         );
+        r.forget_nodes(now_ms, forget_after.as_millis() as u64, &batch.node);
     }
     (reply, r, events)
 }
@@ -1039,8 +1043,13 @@ async fn redis_counts_a_prior_life_as_consumed() {
     let batch = Batch::new("n1", second.epoch, 1).want("a", 20);
     let (reply, after) = settle_one(&store, "acme", &batch).await.expect("settle");
     let now_ms = after.nodes[&node("n1")].seen_ms;
-    let (expected_reply, expected, events) =
-        predict(&before, &batch.0, now_ms, Duration::from_secs(30));
+    let (expected_reply, expected, events) = predict(
+        &before,
+        &batch.0,
+        now_ms,
+        Duration::from_secs(30),
+        Duration::from_secs(3600),
+    );
     assert_eq!((reply, after.clone()), (expected_reply, expected));
     // 240 leased and 50 held count as used by `a`; 20 new lease from a's 100 left.
     assert_eq!(after.workspaces[&ws("a")].used, 10 + 240 + 50);
@@ -1181,6 +1190,108 @@ async fn the_store_carries_on_after_a_redis_restart() {
     assert_eq!(reply.grants, vec![(ws("primary"), 60)]);
     assert!(record.is_conserved());
     assert!(script_cached(&server, &sha));
+}
+
+/// Node records go once they hold nothing and their node has been silent for
+/// `node_forget_after` (pods come and go under new names); a tombstone answers a re-sent
+/// batch of the forgotten life without applying it again, and a later batch of it is applied
+/// without its wants (its usage unbacked), answered `expired` with `prev_seq` 0, as the model
+/// says (`OrgRecord::forget_nodes`, `replay_forgotten`, `SettleBatch::first`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_node_is_answered_from_its_tombstone_and_granted_nothing() {
+    let server = RedisServer::start();
+    let ttl = Duration::from_millis(200);
+    let forget = Duration::from_millis(600);
+    let store = redis_store(RedisOptions {
+        lease_ttl: ttl,
+        node_forget_after: forget,
+        ..redis_options(&server.url())
+    })
+    .await;
+    let e1 = store.start_node(&node("n1")).await.expect("start n1").epoch;
+    let e2 = store.start_node(&node("n2")).await.expect("start n2").epoch;
+    store
+        .create_org(&org("acme"), Mode::Budget, &ws("main"))
+        .await
+        .expect("create");
+    for op in [purchase(1_000), create_ws("a"), transfer("main", "a", 500)] {
+        store.apply(&org("acme"), &op, None).await.expect("apply");
+    }
+    let last = Batch::new("n1", e1, 1).want("a", 200);
+    settle_one(&store, "acme", &last).await.expect("n1 leases");
+    // n1 falls silent; n2 keeps settling until n1's lease expired and its record is gone
+    // (bounded wait on Redis's own clock).
+    let mut seq = 0;
+    let started = Instant::now();
+    let after = loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        seq += 1;
+        let (_, r) = settle_one(&store, "acme", &Batch::new("n2", e2, seq))
+            .await
+            .expect("n2 settles");
+        if !r.nodes.contains_key(&node("n1")) {
+            break r;
+        }
+        assert!(started.elapsed() < WAIT_MAX, "n1 was never forgotten");
+    };
+    assert_eq!(
+        after.workspaces[&ws("a")].used,
+        200,
+        "the lease expired as consumed"
+    );
+    let members = server.cmd(&["SMEMBERS", "creditd:{acme}:nodes"]);
+    assert_eq!(
+        members,
+        redis::Value::Array(vec![redis::Value::BulkString(b"n2".to_vec())])
+    );
+    assert_eq!(
+        server.cmd(&["EXISTS", "creditd:{acme}:node:n1"]),
+        redis::Value::Int(0)
+    );
+    let ledger_len = ledger_events(&store, "acme").await.len();
+
+    // The last batch n1 sent, re-sent: answered from the tombstone, nothing applied.
+    let (reply, record) = settle_one(&store, "acme", &last).await.expect("re-sent");
+    assert!(!reply.applied && reply.expired && reply.grants.is_empty());
+    assert_eq!(reply.prev_seq, 0);
+    assert_eq!(record, after);
+    assert_eq!(ledger_events(&store, "acme").await.len(), ledger_len);
+    // An older epoch of n1 is refused.
+    let stale = settle_one(&store, "acme", &Batch::new("n1", e1 - 1, 9)).await;
+    assert!(
+        matches!(stale, Err(StoreError::Rule(RuleError::StaleEpoch { .. }))),
+        "{stale:?}"
+    );
+
+    // n1's next batch (not its first in the org): its usage is recorded, unbacked; its wants
+    // are not granted; it is told, as an expiry, that the store holds nothing of it.
+    let mut next = Batch::new("n1", e1, 2)
+        .line("a", "a", [7, 0, 0, 0])
+        .want("a", 50);
+    next.0.first = false;
+    let before = store
+        .load_org(&org("acme"))
+        .await
+        .expect("load")
+        .expect("org");
+    let (reply, record) = settle_one(&store, "acme", &next).await.expect("applied");
+    assert!(reply.applied && reply.expired && reply.grants.is_empty());
+    assert_eq!((reply.prev_seq, reply.unbacked), (0, 7));
+    let now_ms = record.nodes[&node("n1")].seen_ms;
+    let (expected_reply, expected, events) = predict(&before, &next.0, now_ms, ttl, forget);
+    assert_eq!(
+        (reply, without_clock(record)),
+        (expected_reply, without_clock(expected))
+    );
+    assert!(ledger_events(&store, "acme").await.ends_with(&events));
+    assert_eq!(
+        events,
+        vec![LedgerEvent::UsageUnbacked {
+            node: node("n1"),
+            workspace: ws("a"),
+            amount: 7
+        }]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1368,7 +1479,8 @@ async fn expiry_matches_the_model() {
     let batch = Batch::new("n3", 1, 2).line("w", "p", [3, 0, 0, 0]);
     let (reply, after) = settle_one(&store, "acme", &batch).await.expect("settle");
     let now_ms = after.nodes[&node("n3")].seen_ms;
-    let (expected_reply, expected, events) = predict(&before, &batch.0, now_ms, ttl);
+    let (expected_reply, expected, events) =
+        predict(&before, &batch.0, now_ms, ttl, Duration::from_secs(3600));
     assert_eq!((reply, after), (expected_reply, expected));
     assert!(ledger_events(&store, "acme").await.ends_with(&events));
     assert_eq!(

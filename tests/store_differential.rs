@@ -96,6 +96,7 @@ fn batch(
         lines,
         release,
         want,
+        first: true,
     }
 }
 
@@ -1356,6 +1357,8 @@ fn differential(backend: &str, url: &str, flush: &dyn Fn()) {
             idempotency_keys_max: 1000,
             settle_entries_max: 1000,
             ledger_retain: creditd::config::DEFAULT_LEDGER_RETAIN,
+            // Nothing is forgotten within a case (the embedded store never forgets).
+            node_forget_after: LEASE_TTL * 3,
         }))
         .expect("open the redis store");
     let stats = RefCell::new(Stats::default());

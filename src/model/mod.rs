@@ -24,5 +24,7 @@ pub use ids::{
 };
 pub use ledger::LedgerEvent;
 pub use org::{Mode, NodeShare, OrgRecord, WorkspaceRecord, CREDITS_MAX};
-pub use settle::{PriorLife, SettleBatch, SettleReply, SettleView, SpenderView, UsageLine};
+pub use settle::{
+    PriorLife, SettleBatch, SettleReply, SettleView, SpenderView, Tombstone, UsageLine,
+};
 pub use view::{OrgView, WorkspaceView};

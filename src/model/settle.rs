@@ -40,6 +40,14 @@ pub struct SettleBatch {
     pub release: Vec<(WorkspaceId, u64)>,
     /// Lease wanted, by spender; the store grants what it can.
     pub want: Vec<(WorkspaceId, u64)>,
+    /// The first batch of the node's life in this org. A store with no record of the node
+    /// grants the wants of such a batch only. Any other means the store forgot the life here
+    /// (its record removed after `node_forget_after`, or writes lost in a failover): it is
+    /// applied as a new node's without its wants (its usage is recorded as `usage_unbacked`,
+    /// since the store holds nothing of the node), and answered `expired` with `prev_seq` 0, so
+    /// that the node forfeits what its memory holds of the org and goes on.
+    #[serde(default)]
+    pub first: bool,
 }
 
 impl SettleBatch {
@@ -95,6 +103,17 @@ pub struct SpenderView {
     pub others: Vec<(NodeId, u64, u64)>,
 }
 
+/// What a store keeps of a node life whose record it forgot ([`OrgRecord::forget_nodes`]):
+/// a batch of that life at or below `seq` was applied already, and a re-sent one is answered
+/// without being applied again. Kept `node_forget_after` after `at_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub epoch: u64,
+    pub seq: u64,
+    /// Store time of the forgetting.
+    pub at_ms: u64,
+}
+
 /// What happens to what a node held when its life ends without a clean stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PriorLife {
@@ -121,6 +140,7 @@ impl OrgRecord {
             return Ok((reply, Vec::new()));
         }
         let mut events = Vec::new();
+        let forgotten = !batch.first && !self.nodes.contains_key(&batch.node);
         let mut next = self.clone();
         let prev_seq = next
             .nodes
@@ -136,7 +156,10 @@ impl OrgRecord {
         }
         let mut share = next.nodes.remove(&batch.node).unwrap_or_default();
         // A new life starts with nothing in memory: nothing to forfeit.
-        let expired = share.expired && !is_new_life;
+        // A forgotten life is told so as an expiry: whatever the node holds in memory of the
+        // org, the store holds nothing of (its leases expired before it was forgotten, or
+        // their grants were lost), so it is forfeited.
+        let expired = (share.expired && !is_new_life) || forgotten;
         share.expired = false;
         share.epoch = batch.epoch;
         share.seq = batch.seq;
@@ -146,7 +169,7 @@ impl OrgRecord {
         next.settle_releases(&mut share, &batch.release)?;
         // A batch built on an older (or forgotten) version of the org is granted nothing: its
         // node may still map workspaces to spenders as they were before the change.
-        let grants = if batch.version == next.version {
+        let grants = if batch.version == next.version && !forgotten {
             next.grant(&mut share, &batch.want)?
         } else {
             Vec::new()
@@ -211,6 +234,37 @@ impl OrgRecord {
             seen_ms: own.map_or(0, |n| n.seen_ms),
             spenders,
         }
+    }
+
+    /// A batch from a node the org has no record of, against what the store kept of a life it
+    /// forgot: a batch of an older epoch is refused, one at or below the forgotten seq was
+    /// applied before and is answered (nothing granted, `expired`, `prev_seq` 0: the node
+    /// forfeits what it holds of the org) without being applied again. `None`: settle it.
+    pub fn replay_forgotten(
+        &self,
+        batch: &SettleBatch,
+        tombstone: Option<&Tombstone>,
+    ) -> Option<Result<SettleReply, RuleError>> {
+        let t = tombstone?;
+        if self.nodes.contains_key(&batch.node) {
+            return None;
+        }
+        if batch.epoch < t.epoch {
+            return Some(Err(RuleError::StaleEpoch {
+                batch: batch.epoch,
+                current: t.epoch,
+            }));
+        }
+        (batch.epoch == t.epoch && batch.seq <= t.seq).then(|| {
+            Ok(SettleReply {
+                applied: false,
+                grants: Vec::new(),
+                version: self.version,
+                expired: true,
+                unbacked: 0,
+                prev_seq: 0,
+            })
+        })
     }
 
     /// Exactly once: a batch at or below the node's last seq of the same epoch changes nothing
@@ -568,6 +622,40 @@ impl OrgRecord {
         }
         *self = next;
         Ok(events)
+    }
+
+    /// Forgets every node but `except` that holds nothing and whose last settle is older than
+    /// `forget_after_ms` (`node_forget_after`): nodes come and go under new names, and every
+    /// settle reads the org's node records. A later batch of a forgotten life is granted
+    /// nothing (see [`SettleBatch::first`]); a re-sent one is answered from the node's
+    /// [`Tombstone`], which the store keeps ([`Self::replay_forgotten`]). Returns the nodes
+    /// forgotten, with their tombstones.
+    /// The Redis store runs this after every applied settle, after `expire_nodes`.
+    pub fn forget_nodes(
+        &mut self,
+        now_ms: u64,
+        forget_after_ms: u64,
+        except: &NodeId,
+    ) -> Vec<(NodeId, Tombstone)> {
+        let gone: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(id, s)| {
+                *id != except && s.is_empty() && now_ms.saturating_sub(s.seen_ms) > forget_after_ms
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        gone.into_iter()
+            .filter_map(|id| {
+                let share = self.nodes.remove(&id)?;
+                let t = Tombstone {
+                    epoch: share.epoch,
+                    seq: share.seq,
+                    at_ms: now_ms,
+                };
+                Some((id, t))
+            })
+            .collect()
     }
 
     /// Nodes whose last settle is older than `lease_ttl_ms` and that still hold something.

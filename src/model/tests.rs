@@ -79,6 +79,7 @@ fn batch(n: &str, epoch: u64, seq: u64) -> SettleBatch {
         lines: Vec::new(),
         release: Vec::new(),
         want: Vec::new(),
+        first: true,
     }
 }
 

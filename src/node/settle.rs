@@ -175,7 +175,8 @@ impl Node {
         let want = self.wanted(&state, wants, slot.is_recalled(), &mut release);
         let now = Instant::now();
         let elapsed = now.duration_since(stream.last_batch);
-        let heartbeat_due = elapsed >= self.options.heartbeat_interval || !stream.sent_any;
+        let first = !stream.sent_any;
+        let heartbeat_due = elapsed >= self.options.heartbeat_interval || first;
         if lines.is_empty() && release.is_empty() && want.is_empty() && !heartbeat_due {
             return None;
         }
@@ -190,6 +191,7 @@ impl Node {
             lines,
             release: release.into_iter().collect(),
             want,
+            first,
         })
     }
 
@@ -208,7 +210,12 @@ impl Node {
             metrics::counter!(m::USAGE_UNBACKED).increment(reply.unbacked);
             tracing::warn!(org = %slot.org, credits = reply.unbacked, "usage reported that no lease of this node backed in the store (already counted as lease_expired): recorded as usage_unbacked, not charged again");
         }
-        if reply.prev_seq < stream.acked_seq {
+        // The store has no record of this life in the org (forgotten after node_forget_after,
+        // or lost): it answers the batch as a new node's, `expired` and with `prev_seq` 0. It
+        // holds nothing of this node there, so there is nothing to close with a new life:
+        // forfeiting what memory holds of the org (`expired`, below) is enough.
+        let forgotten = reply.expired && reply.prev_seq == 0 && stream.acked_seq > 0;
+        if reply.prev_seq < stream.acked_seq && !forgotten {
             // The store answered from before writes it had acknowledged: it forgot grants and
             // usage of this life. Spend nothing more of what it may not know, and start a new
             // life (the next round), whose first batches close what the store still records

@@ -12,7 +12,8 @@
 //! | `creditd:{org}:meta` | hash | `org`, `mode`, `primary`, `purchased`, `used_deleted`, `version`, `created_by` (call id), `ledger_trimmed` (ledger entries trimmed from the head; absent: 0) |
 //! | `creditd:{org}:bal` | hash | workspace → balance no node has leased |
 //! | `creditd:{org}:used` | hash | workspace → credits consumed |
-//! | `creditd:{org}:nodes` | set | nodes that ever settled the org |
+//! | `creditd:{org}:nodes` | set | nodes that settled the org and are not forgotten |
+//! | `creditd:{org}:gone` | hash | node → `epoch seq at_ms` of a forgotten life (its record removed after `node_forget_after` once it held nothing), kept `node_forget_after`, so that a re-sent batch of it is answered, not applied again |
 //! | `creditd:{org}:node:<node>` | hash | `epoch`, `seq`, `seen_ms`, `grants` (last batch's, for retries), `l:<spender>` lease, `h:<workspace>` held, `f:<spender>` held by the lease it came from |
 //! | `creditd:{org}:ledger` | list | JSON ledger entries kept (at most about `ledger_retain`); the i-th (1-based) has `seq` `ledger_trimmed` + i |
 //! | `creditd:{org}:idem` | sorted set | remembered idempotency keys, scored by expiry (ms) |
@@ -346,6 +347,8 @@ impl RedisStore {
         args.push(batch.seq.to_string());
         args.push(batch.version.to_string());
         args.push(self.inner.options.lease_ttl.as_millis().to_string());
+        args.push(self.inner.options.node_forget_after.as_millis().to_string());
+        args.push(if batch.first { "1" } else { "0" }.to_string());
         args.push(batch.lines.len().to_string());
         for l in &batch.lines {
             args.push(l.workspace.to_string());
@@ -435,7 +438,11 @@ impl Store for RedisStore {
         let tokens = self
             .inner
             .redis
-            .eval(&self.inner.scripts.start_node, &[epoch_key(node)], &[])
+            .eval(
+                &self.inner.scripts.start_node,
+                &[epoch_key(node)],
+                &[self.inner.options.node_forget_after.as_millis().to_string()],
+            )
             .await?;
         let epoch = match tokens.as_slice() {
             [ok, epoch] if ok == "ok" => epoch

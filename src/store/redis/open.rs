@@ -38,6 +38,9 @@ pub struct RedisOptions {
     /// Ledger entries kept per org (`ledger_retain`): every script that appends trims the
     /// oldest beyond it (see `append_ledger` in `common.lua`).
     pub ledger_retain: u64,
+    /// A node's record in an org, once it holds nothing, is removed after the node has not
+    /// settled the org for this long (`node_forget_after`).
+    pub node_forget_after: Duration,
 }
 
 impl RedisOptions {
@@ -53,6 +56,7 @@ impl RedisOptions {
                 .workspaces_max
                 .saturating_mul(SETTLE_ENTRIES_PER_WORKSPACE),
             ledger_retain: config.ledger_retain,
+            node_forget_after: config.node_forget_after,
         }
     }
 }

@@ -4,10 +4,11 @@
 --
 -- KEYS: 1 creditd:{org}:meta, 2 creditd:{org}:bal, 3 creditd:{org}:used,
 --       4 creditd:{org}:nodes, 5 creditd:{org}:ledger
---       (and, named from the prefix, creditd:{org}:node:<node> for every node of the org)
+--       (and, named from the prefix, creditd:{org}:node:<node> for every node of the org, and
+--       creditd:{org}:gone, the tombstones of forgotten node lives)
 -- ARGV: 1 org, 2 node, 3 epoch, 4 seq, 5 version (of the org, as the node's view was built),
---       6 lease_ttl_ms,
---       7 L = number of usage lines, then L times: workspace, spender, consumed, reserved,
+--       6 lease_ttl_ms, 7 node_forget_after_ms, 8 first (1 | 0: the life's first batch in the
+--       org), 9 L = number of usage lines, then L times: workspace, spender, consumed, reserved,
 --         committed, released;
 --       then R = number of releases, then R times: spender, amount;
 --       then W = number of wants, then W times: spender, amount.
@@ -18,8 +19,11 @@
 --        or {'err', code, ...}: unknown_org, stale_epoch batch current, batch_refused why,
 --        overflow, invalid why, corrupt why. A refusal writes nothing.
 -- Invariant: OrgRecord::settle with PriorLife::CountAsConsumed, then
---   OrgRecord::expire_nodes(now, lease_ttl_ms, node), now from the server's TIME (never a
---   node's clock), answered with OrgRecord::settle_view. The functions below mirror the
+--   OrgRecord::expire_nodes(now, lease_ttl_ms, node) and OrgRecord::forget_nodes(now,
+--   node_forget_after_ms, node), now from the server's TIME (never a node's clock), answered
+--   with OrgRecord::settle_view. A batch from a node the org has no record of that is not the
+--   life's first in the org (the store forgot the life) is applied without its wants: its
+--   usage is recorded as unbacked, and nothing is granted (SettleBatch::first). The functions below mirror the
 --   model's by name and order: settle_lines (lines_exact, else lines_capped),
 --   settle_releases, grant. Exactly once per (node, epoch, seq): a batch at or below the
 --   node's last seq of the same epoch changes nothing and is answered with the grants (and
@@ -45,12 +49,17 @@ local function parse_batch()
     seq = arg_number(4, 'seq'),
     version = arg_number(5, 'version'),
     ttl_ms = arg_number(6, 'lease_ttl_ms'),
+    forget_ms = arg_number(7, 'node_forget_after_ms'),
+    first = ARGV[8] == '1',
     lines = {},
     releases = {},
     wants = {},
   }
-  if b.epoch > CAP or b.seq > CAP or b.ttl_ms > CAP or b.version > CAP then
-    refuse('batch_refused', 'epoch, seq, version or lease_ttl above 2^53-1')
+  if b.epoch > CAP or b.seq > CAP or b.ttl_ms > CAP or b.version > CAP or b.forget_ms > CAP then
+    refuse('batch_refused', 'epoch, seq, version, lease_ttl or node_forget_after above 2^53-1')
+  end
+  if ARGV[8] ~= '1' and ARGV[8] ~= '0' then
+    refuse('invalid', 'first (ARGV[8]) is not 1 or 0: ' .. tostring(ARGV[8]))
   end
   -- Amounts of lines and releases: above 2^53-1 no real batch can be right (a node holds at
   -- most what was purchased), and Lua could not count them exactly.
@@ -61,7 +70,7 @@ local function parse_batch()
     end
     return n
   end
-  local i = 7
+  local i = 9
   local function count(what)
     local n = arg_number(i, what)
     if n > #ARGV then
@@ -476,7 +485,20 @@ local function expire_nodes(st, silent, events)
   for _, id in ipairs(silent) do
     close_node(st, id, events)
     st.nodes[id].expired = true
+    st.nodes[id].holds = 0
   end
+end
+
+-- OrgRecord::forget_nodes: the other nodes that hold nothing (after the expiry) and have not
+-- settled for longer than node_forget_after; returns them as a set.
+local function forget_nodes(node, others, now, forget_ms)
+  local gone = {}
+  for id, other in pairs(others) do
+    if id ~= node and other.holds == 0 and now - other.seen > forget_ms then
+      gone[id] = true
+    end
+  end
+  return gone
 end
 
 -- Workspaces whose counters the batch and the closes may change.
@@ -495,10 +517,50 @@ local function touched_workspaces(st, b, closing)
   return names
 end
 
+-- What the store kept of a forgotten life of `node` (OrgRecord::replay_forgotten): nil, or
+-- { epoch, seq, at }.
+local function tombstone(prefix, node)
+  local t = redis.call('HGET', prefix .. 'gone', node)
+  if not t then
+    return nil
+  end
+  local e, s, at = string.match(t, '^(%d+) (%d+) (%d+)$')
+  if not e then
+    refuse('corrupt', 'tombstone of node ' .. node .. ' is ' .. t)
+  end
+  return { epoch = counter(e, 'tombstone epoch'), seq = counter(s, 'tombstone seq'),
+    at = counter(at, 'tombstone time') }
+end
+
+-- Forgets the nodes of `gone` (their records go, a tombstone stays: epoch, seq, time), and
+-- drops the tombstones older than forget_ms.
+local function forget(prefix, gone, others, now, forget_ms)
+  if next(gone) == nil then
+    return
+  end
+  local key = prefix .. 'gone'
+  local old = {}
+  for id, t in pairs(hgetall_map(key)) do
+    local at = tonumber(string.match(t, ' (%d+)$') or '0')
+    if now - at > forget_ms then
+      old[#old + 1] = id
+    end
+  end
+  for i = 1, #old, CHUNK do
+    redis.call('HDEL', key, unpack(old, i, math.min(i + CHUNK - 1, #old)))
+  end
+  for id in pairs(gone) do
+    local o = others[id]
+    redis.call('DEL', prefix .. 'node:' .. id)
+    redis.call('SREM', prefix .. 'nodes', id)
+    redis.call('HSET', key, id, fmt(o.epoch) .. ' ' .. fmt(o.seq) .. ' ' .. fmt(now))
+  end
+end
+
 -- Writes what changed: workspace counters, used_deleted, the settling node (field by field,
 -- or whole after a new life), closed nodes (whole).
 -- The ledger is appended first.
-local function save_settle(st, node, share, fields, events, now)
+local function save_settle(st, node, share, fields, events, now, gone, others, forget_ms)
   local prefix = st.prefix
   -- First: the only step that may refuse (a corrupt ledger_trimmed), before any write.
   append_ledger(prefix, events, now)
@@ -512,10 +574,11 @@ local function save_settle(st, node, share, fields, events, now)
   call_chunked('HSET', prefix .. 'used', set_used)
   redis.call('HSET', prefix .. 'meta', 'used_deleted', fmt(st.used_deleted))
   for id, s in pairs(st.nodes) do
-    if id ~= node then
+    if id ~= node and not gone[id] then
       write_node(prefix, id, s)
     end
   end
+  forget(prefix, gone, others, now, forget_ms)
   if share.full then
     write_node(prefix, node, share)
   else
@@ -557,7 +620,20 @@ return run(function()
   end
   local share = load_node(prefix, b.node)
 
-  -- Exactly once.
+  -- Exactly once. A life the store has no record of is granted nothing unless this is its
+  -- first batch here.
+  local forgotten = share == nil and not b.first
+  if share == nil then
+    -- OrgRecord::replay_forgotten: a batch of a life the store forgot, applied before.
+    local t = tombstone(prefix, b.node)
+    if t and b.epoch < t.epoch then
+      refuse('stale_epoch', fmt(b.epoch), fmt(t.epoch))
+    end
+    if t and b.epoch == t.epoch and b.seq <= t.seq then
+      load_workspaces(st, touched_workspaces(st, b, {}))
+      return settle_view(st, b.node, nil, named, others, reply_head(false, true, 0, 0, {}))
+    end
+  end
   if share ~= nil then
     if b.epoch < share.epoch then
       refuse('stale_epoch', fmt(b.epoch), fmt(share.epoch))
@@ -597,7 +673,8 @@ return run(function()
     close_node(st, b.node, events)
   end
   -- A new life starts with nothing in memory: nothing to forfeit.
-  local expired = share.expired and not new_life
+  -- A forgotten life is told so as an expiry (SettleBatch::first).
+  local expired = (share.expired and not new_life) or forgotten
   share.expired = false
   share.epoch = b.epoch
   share.seq = b.seq
@@ -609,7 +686,7 @@ return run(function()
     unbacked = lines_capped(st, b.node, share, b.lines, events)
   end
   settle_releases(st, share, b.releases)
-  local grants = grant(st, share, b.version, b.wants)
+  local grants = grant(st, share, b.version, forgotten and {} or b.wants)
   share.grants = grants
   share.last_expired = expired
   share.last_prev_seq = prev_seq
@@ -621,8 +698,9 @@ return run(function()
       .. fmt(total_before) .. ' before, ' .. fmt(total_after) .. ' after)')
   end
 
-  save_settle(st, b.node, share, fields, events, now)
-  for _, id in ipairs(silent) do others[id].holds = 0 end
+  local gone = forget_nodes(b.node, others, now, b.forget_ms)
+  save_settle(st, b.node, share, fields, events, now, gone, others, b.forget_ms)
+  for id in pairs(gone) do others[id] = nil end
   return settle_view(st, b.node, share, named, others,
     reply_head(true, expired, unbacked, prev_seq, grants))
 end)
