@@ -1192,6 +1192,21 @@ async fn the_store_carries_on_after_a_redis_restart() {
     assert!(script_cached(&server, &sha));
 }
 
+/// Nodes n1 and n2 started (their epochs), and org `acme` in budget mode: 1,000 purchased,
+/// 500 of them in workspace `a`.
+async fn two_nodes_and_acme(store: &RedisStore) -> (u64, u64) {
+    let e1 = store.start_node(&node("n1")).await.expect("start n1").epoch;
+    let e2 = store.start_node(&node("n2")).await.expect("start n2").epoch;
+    store
+        .create_org(&org("acme"), Mode::Budget, &ws("main"))
+        .await
+        .expect("create");
+    for op in [purchase(1_000), create_ws("a"), transfer("main", "a", 500)] {
+        store.apply(&org("acme"), &op, None).await.expect("apply");
+    }
+    (e1, e2)
+}
+
 /// Node records go once they hold nothing and their node has been silent for
 /// `node_forget_after` (pods come and go under new names); a tombstone answers a re-sent
 /// batch of the forgotten life without applying it again, and a later batch of it is applied
@@ -1208,15 +1223,7 @@ async fn a_forgotten_node_is_answered_from_its_tombstone_and_granted_nothing() {
         ..redis_options(&server.url())
     })
     .await;
-    let e1 = store.start_node(&node("n1")).await.expect("start n1").epoch;
-    let e2 = store.start_node(&node("n2")).await.expect("start n2").epoch;
-    store
-        .create_org(&org("acme"), Mode::Budget, &ws("main"))
-        .await
-        .expect("create");
-    for op in [purchase(1_000), create_ws("a"), transfer("main", "a", 500)] {
-        store.apply(&org("acme"), &op, None).await.expect("apply");
-    }
+    let (e1, e2) = two_nodes_and_acme(&store).await;
     let last = Batch::new("n1", e1, 1).want("a", 200);
     settle_one(&store, "acme", &last).await.expect("n1 leases");
     // n1 falls silent; n2 keeps settling until n1's lease expired and its record is gone
@@ -1303,15 +1310,7 @@ async fn a_silent_nodes_leases_expire_as_consumed() {
         ..redis_options(&server.url())
     })
     .await;
-    let e1 = store.start_node(&node("n1")).await.expect("start n1").epoch;
-    let e2 = store.start_node(&node("n2")).await.expect("start n2").epoch;
-    store
-        .create_org(&org("acme"), Mode::Budget, &ws("main"))
-        .await
-        .expect("create");
-    for op in [purchase(1_000), create_ws("a"), transfer("main", "a", 500)] {
-        store.apply(&org("acme"), &op, None).await.expect("apply");
-    }
+    let (e1, e2) = two_nodes_and_acme(&store).await;
     settle_one(
         &store,
         "acme",
