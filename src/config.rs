@@ -577,8 +577,9 @@ impl Config {
             self.lease_ttl > self.settle_interval * 2,
             "lease_ttl: must be more than twice settle_interval",
         );
+        // Only a cluster forgets node records (one embedded node never does).
         r.rule(
-            self.node_forget_after > self.lease_ttl * 2,
+            self.store != StoreKind::Redis || self.node_forget_after > self.lease_ttl * 2,
             "node_forget_after: must be more than twice lease_ttl",
         );
         r.rule(

@@ -116,14 +116,16 @@ async fn every_setting_beyond_its_bound_is_refused_before_start() {
     assert!(!out.1.contains("panicked"), "{}", out.1);
 }
 
-/// Node records are forgotten only well after their leases could expire: node_forget_after
-/// must exceed twice lease_ttl.
+/// Node records are forgotten only well after their leases could expire: in a cluster,
+/// node_forget_after must exceed twice lease_ttl (one embedded node never forgets: its
+/// lease_ttl may be anything).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_forget_after_within_twice_lease_ttl_is_refused() {
     let out = run(
         &["serve"],
         &[
             ("CREDITD_LISTEN", "127.0.0.1:0"),
+            ("CREDITD_STORE", "redis"),
             ("CREDITD_LEASE_TTL", "30s"),
             ("CREDITD_NODE_FORGET_AFTER", "60s"),
         ],

@@ -143,14 +143,14 @@ impl Node {
     /// names the spender in the next batch ([`crate::cache::Lease::take_refresh`]), so a
     /// spender that is not settled is never refused for long on what an old answer said.
     pub(super) fn note_store(&self, state: &OrgState, view: &SettleView) {
-        // Other nodes' leases count only while those nodes live: a recall cannot bring back
-        // what a dead node holds (its leases expire after lease_ttl, as consumed).
         // The outage reserve is filled first from what was granted (and from the lease).
         if self.options.outage_reserve > 0 {
             for lease in &state.leases {
                 lease.fill_outage_reserve(self.options.outage_reserve);
             }
         }
+        // Other nodes' leases count only while those nodes live: a recall cannot bring back
+        // what a dead node holds (its leases expire after lease_ttl, as consumed).
         let alive_ms = 2 * self.options.heartbeat_interval.as_millis() as u64;
         for named in &view.spenders {
             let Some(lease) = state.lease(&named.spender) else {
