@@ -132,14 +132,21 @@ local function hgetall_map(key)
   return map
 end
 
--- The whole state of an org, read into tables, or nil if the org does not exist.
---   st.ws[name]      = { balance =, used = }
---   st.nodes[id]     = { epoch =, seq =, seen =, grants = {{ws, n}, ...}, leases = {ws = n},
---                        held = {ws = n}, held_from = {spender = n}, expired =, last_expired =,
---                        last_prev_seq = }
--- The work is one HGETALL per key: O(workspaces + nodes + their leases and reservations).
-local function load_state(prefix)
-  local meta = hgetall_map(prefix .. 'meta')
+-- The fields `fields` of a hash, as a map by field name (a missing field is absent).
+local function hmget_map(key, fields)
+  local values = redis.call('HMGET', key, unpack(fields))
+  local map = {}
+  for i, field in ipairs(fields) do
+    if values[i] then
+      map[field] = values[i]
+    end
+  end
+  return map
+end
+
+-- An org's state from its meta fields (a map by field name), with no workspace or node read
+-- yet, or nil if the org does not exist.
+local function new_state(prefix, meta)
   if meta.org == nil then
     return nil
   end
@@ -148,7 +155,6 @@ local function load_state(prefix)
     org = meta.org,
     mode = meta.mode,
     primary = meta.primary,
-    purchased = counter(meta.purchased, 'purchased'),
     used_deleted = counter(meta.used_deleted, 'used_deleted'),
     version = counter(meta.version, 'version'),
     ws = {},
@@ -160,6 +166,59 @@ local function load_state(prefix)
   if st.mode ~= 'shared' and st.mode ~= 'budget' then
     refuse('corrupt', 'mode is ' .. tostring(st.mode))
   end
+  return st
+end
+
+-- A node's hash (written by write_node): the header fields below, and one field per holding
+-- above zero: l:<spender> its lease, h:<workspace> held by its reservations, f:<spender> the
+-- same held credits by the lease they came from.
+local NODE_HEADER = { 'epoch', 'seq', 'seen_ms', 'grants', 'expired', 'last_expired',
+  'last_prev_seq' }
+local HOLDING_KINDS = { l = 'leases', h = 'held', f = 'held_from' }
+
+-- A node's share from its header fields (a map by field name), with no holdings yet.
+local function share_of(id, h)
+  local share = {
+    epoch = counter(h.epoch, 'epoch of node ' .. id),
+    seq = counter(h.seq, 'seq of node ' .. id),
+    seen = counter(h.seen_ms, 'seen_ms of node ' .. id),
+    grants = {},
+    leases = {},
+    held = {},
+    held_from = {},
+    expired = h.expired == '1',
+    last_expired = h.last_expired == '1',
+    last_prev_seq = counter(h.last_prev_seq or '0', 'last_prev_seq of node ' .. id),
+  }
+  for ws, n in string.gmatch(h.grants or '', '(%S+) (%d+)') do
+    share.grants[#share.grants + 1] = { ws, counter(n, 'grant of node ' .. id) }
+  end
+  return share
+end
+
+-- Adds to `share` the holdings among the fields of `h` (a map by field name).
+local function add_holdings(id, share, h)
+  for field, value in pairs(h) do
+    local kind, ws = string.match(field, '^([lhf]):(.+)$')
+    if kind then
+      share[HOLDING_KINDS[kind]][ws] = counter(value, field .. ' of node ' .. id)
+    end
+  end
+end
+
+-- The whole state of an org, read into tables, or nil if the org does not exist.
+--   st.ws[name]      = { balance =, used = }
+--   st.nodes[id]     = { epoch =, seq =, seen =, grants = {{ws, n}, ...}, leases = {ws = n},
+--                        held = {ws = n}, held_from = {spender = n}, expired =, last_expired =,
+--                        last_prev_seq = }
+-- The work is one HGETALL per key: O(workspaces + nodes + their leases and reservations).
+local function load_state(prefix)
+  local meta = hgetall_map(prefix .. 'meta')
+  local st = new_state(prefix, meta)
+  if st == nil then
+    return nil
+  end
+  st.purchased = counter(meta.purchased, 'purchased')
   local used = hgetall_map(prefix .. 'used')
   for name, balance in pairs(hgetall_map(prefix .. 'bal')) do
     st.ws[name] = {
@@ -172,32 +231,8 @@ local function load_state(prefix)
   end
   for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'nodes')) do
     local h = hgetall_map(prefix .. 'node:' .. id)
-    local share = {
-      epoch = counter(h.epoch, 'epoch of node ' .. id),
-      seq = counter(h.seq, 'seq of node ' .. id),
-      seen = counter(h.seen_ms, 'seen_ms of node ' .. id),
-      grants = {},
-      leases = {},
-      held = {},
-      held_from = {},
-      expired = h.expired == '1',
-      last_expired = h.last_expired == '1',
-      last_prev_seq = counter(h.last_prev_seq or '0', 'last_prev_seq of node ' .. id),
-    }
-    for field, value in pairs(h) do
-      local kind, ws = string.match(field, '^([lhf]):(.+)$')
-      if kind == 'l' then
-        share.leases[ws] = counter(value, 'lease of node ' .. id)
-      elseif kind == 'h' then
-        share.held[ws] = counter(value, 'held of node ' .. id)
-      elseif kind == 'f' then
-        share.held_from[ws] = counter(value, 'held_from of node ' .. id)
-      end
-    end
-    local g = h.grants or ''
-    for ws, n in string.gmatch(g, '(%S+) (%d+)') do
-      share.grants[#share.grants + 1] = { ws, counter(n, 'grant of node ' .. id) }
-    end
+    local share = share_of(id, h)
+    add_holdings(id, share, h)
     st.nodes[id] = share
   end
   return st
@@ -288,10 +323,6 @@ local function call_chunked(command, key, items)
     redis.call(command, key, unpack(part))
   end
 end
-
--- A node's header fields: every other field of its hash is a holding (l:, h:, f:).
-local NODE_HEADER = { 'epoch', 'seq', 'seen_ms', 'grants', 'expired', 'last_expired',
-  'last_prev_seq' }
 
 -- The header fields of a node's share, as HSET arguments.
 local function header_fields(s)

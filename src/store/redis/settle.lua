@@ -118,28 +118,8 @@ end
 -- The org's header, or nil if the org does not exist. Workspaces are read on demand
 -- (load_workspaces), nodes one by one.
 local function load_header(prefix)
-  local m = redis.call('HMGET', prefix .. 'meta', 'org', 'mode', 'primary', 'used_deleted',
-    'version')
-  if not m[1] then
-    return nil
-  end
-  local st = {
-    prefix = prefix,
-    org = m[1],
-    mode = m[2],
-    primary = m[3],
-    used_deleted = counter(m[4], 'used_deleted'),
-    version = counter(m[5], 'version'),
-    ws = {},
-    nodes = {},
-    dirty_ws = {},
-    dirty_nodes = {},
-    changed = false,
-  }
-  if st.mode ~= 'shared' and st.mode ~= 'budget' then
-    refuse('corrupt', 'mode is ' .. tostring(st.mode))
-  end
-  return st
+  return new_state(prefix, hmget_map(prefix .. 'meta',
+    { 'org', 'mode', 'primary', 'used_deleted', 'version' }))
 end
 
 -- Reads the balance and usage of each workspace of `names` not read yet; a workspace without
@@ -171,46 +151,23 @@ end
 -- read later, only those needed (load_fields) or all of them (load_holdings).
 local function load_node(prefix, id)
   local key = prefix .. 'node:' .. id
-  local h = redis.call('HMGET', key, unpack(NODE_HEADER))
-  local present = 0
-  for i = 1, #NODE_HEADER do
-    if h[i] then present = present + 1 end
-  end
+  local h = hmget_map(key, NODE_HEADER)
   local size = redis.call('HLEN', key)
   if size == 0 then
     return nil
   end
-  local share = {
-    epoch = counter(h[1], 'epoch of node ' .. id),
-    seq = counter(h[2], 'seq of node ' .. id),
-    seen = counter(h[3], 'seen_ms of node ' .. id),
-    grants = {},
-    expired = h[5] == '1',
-    last_expired = h[6] == '1',
-    last_prev_seq = counter(h[7] or '0', 'last_prev_seq of node ' .. id),
-    holds = size - present,
-    leases = {},
-    held = {},
-    held_from = {},
-    full = false,
-  }
-  for ws, n in string.gmatch(h[4] or '', '(%S+) (%d+)') do
-    share.grants[#share.grants + 1] = { ws, counter(n, 'grant of node ' .. id) }
-  end
+  local share = share_of(id, h)
+  local present = 0
+  for _ in pairs(h) do present = present + 1 end
+  share.holds = size - present
+  share.full = false
   return share
 end
-
-local KINDS = { l = 'leases', h = 'held', f = 'held_from' }
 
 -- Reads every holding of a node (to close its life): the share becomes `full`, and is
 -- written back whole.
 local function load_holdings(prefix, id, share)
-  for field, value in pairs(hgetall_map(prefix .. 'node:' .. id)) do
-    local kind, ws = string.match(field, '^([lhf]):(.+)$')
-    if kind then
-      share[KINDS[kind]][ws] = counter(value, 'holding ' .. field .. ' of node ' .. id)
-    end
-  end
+  add_holdings(id, share, hgetall_map(prefix .. 'node:' .. id))
   share.full = true
 end
 
@@ -226,7 +183,7 @@ local function load_fields(prefix, id, share, fields)
   end
   local values = redis.call('HMGET', prefix .. 'node:' .. id, unpack(names))
   for i, f in ipairs(fields) do
-    share[KINDS[f[1]]][f[2]] = values[i] and counter(values[i], 'holding ' .. names[i]) or 0
+    share[HOLDING_KINDS[f[1]]][f[2]] = values[i] and counter(values[i], 'holding ' .. names[i]) or 0
   end
   return fields
 end
@@ -585,7 +542,7 @@ local function save_settle(st, node, share, fields, events, now, gone, others, f
     local key = prefix .. 'node:' .. node
     local set, gone = header_fields(share), {}
     for _, f in ipairs(fields) do
-      local n = share[KINDS[f[1]]][f[2]] or 0
+      local n = share[HOLDING_KINDS[f[1]]][f[2]] or 0
       if n > 0 then
         set[#set + 1] = f[1] .. ':' .. f[2]; set[#set + 1] = fmt(n)
       else
