@@ -29,7 +29,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   (cd "$repo" && timeout 1800 cargo build --release --bin creditd)
 fi
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+. "$repo/benches/load/lib.sh"
 data="$(mktemp -d -t creditd-cluster.XXXXXX)"
 token="load-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
 redis_port="$(free_port)"

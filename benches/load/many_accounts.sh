@@ -11,6 +11,7 @@
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$repo"
+. benches/load/lib.sh
 ORGS=${ORGS:-100}; WORKSPACES=${WORKSPACES:-1000}; NODES=${NODES:-3}
 DURATION=${DURATION:-20s}; CONNS=${CONNS:-16}
 bin="${CARGO_TARGET_DIR:-$repo/target}/release/creditd"
@@ -35,14 +36,10 @@ trap cleanup EXIT
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   timeout 1800 cargo build --release --bin creditd
 fi
-EXPORT_TO="$data/orgs.jsonl" ORGS=$ORGS WORKSPACES=$WORKSPACES \
-  timeout 1800 cargo bench --bench cached_memory >/dev/null
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-rport=$(free_port)
-redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$data" \
-  >"$data/redis.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 100); do redis-cli -p "$rport" PING >/dev/null 2>&1 && break; sleep 0.1; done
+export_orgs "$data/orgs.jsonl" "$ORGS" "$WORKSPACES"
+start_redis "$data" "$data/redis.log"
+rport=$REDIS_PORT
+pids+=("$REDIS_PID")
 url="redis://127.0.0.1:$rport"
 timeout 600 "$bin" import --store redis --redis-url "$url" --from "$data/orgs.jsonl"
 token="many-$RANDOM$RANDOM"

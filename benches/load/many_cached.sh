@@ -13,6 +13,7 @@
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$repo"
+. benches/load/lib.sh
 ORGS=${ORGS:-1000}; WORKSPACES=${WORKSPACES:-1000}
 bin="${CARGO_TARGET_DIR:-$repo/target}/release/creditd"
 for tool in cargo wrk curl python3; do
@@ -28,13 +29,12 @@ trap cleanup EXIT
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   timeout 1800 cargo build --release --locked --bin creditd
 fi
-EXPORT_TO="$data/orgs.jsonl" ORGS=$ORGS WORKSPACES=$WORKSPACES \
-  timeout 1800 cargo bench --bench cached_memory >/dev/null
+export_orgs "$data/orgs.jsonl" "$ORGS" "$WORKSPACES"
 started=$(date +%s%N)
 timeout 1800 "$bin" import --store embedded --data-dir "$data/store" --from "$data/orgs.jsonl" >/dev/null
 echo "import_ms $(( ($(date +%s%N) - started) / 1000000 ))"
 echo "data_file_bytes $(stat -c %s "$data/store"/*.redb)"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 rss() { awk '/VmRSS/ {print $2 * 1024}' "/proc/$pid/status"; }
 started=$(date +%s%N)
 CREDITD_DATA_DIR="$data/store" CREDITD_LISTEN="127.0.0.1:$port" \

@@ -25,6 +25,7 @@
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$repo"
+. benches/load/lib.sh
 SIZES=${SIZES:-"10 10000"}; STORES=${STORES:-"redis embedded"}; K=${K:-50}
 SETTLE_SECS=${SETTLE_SECS:-10}; CONNS=${CONNS:-4}
 target="${CARGO_TARGET_DIR:-$repo/target}"
@@ -53,7 +54,6 @@ cleanup() {
 }
 trap cleanup EXIT
 r() { timeout 30 redis-cli -p "$rport" "$@"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 token="orgsize-$RANDOM$RANDOM"
 H="Authorization: Bearer $token"
@@ -157,8 +157,7 @@ row() { # store size op fields...
 
 for n in $SIZES; do
   export_file="$data/org-$n.jsonl"
-  EXPORT_TO="$export_file" ORGS=1 WORKSPACES=$n \
-    timeout 1800 nice cargo bench --locked --bench cached_memory >/dev/null
+  export_orgs "$export_file" 1 "$n"
   for store in $STORES; do
     echo "## $store, 1 org of $n workspaces (+ primary)"
     dir="$data/$store-$n"; mkdir -p "$dir"
@@ -166,11 +165,9 @@ for n in $SIZES; do
     limits=(CREDITD_WORKSPACES_MAX=$((n + K + 100)) CREDITD_ACCOUNTS_MAX=$((n + K + 1000 > 1000000 ? n + K + 1000 : 1000000)))
     case $store in
       redis)
-        rport=$(free_port)
-        redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$dir" \
-          >"$data/redis-$n.log" 2>&1 &
-        redis_pid=$!
-        for _ in $(seq 1 100); do r PING >/dev/null 2>&1 && break; sleep 0.1; done
+        start_redis "$dir" "$data/redis-$n.log"
+        rport=$REDIS_PORT
+        redis_pid=$REDIS_PID
         store_env=(CREDITD_STORE=redis CREDITD_REDIS_URL="redis://127.0.0.1:$rport" CREDITD_DATA_DIR="$dir/node")
         ;;
       embedded)

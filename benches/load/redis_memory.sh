@@ -12,16 +12,16 @@ cd "$(dirname "$0")/../.."
 BIN=${BIN:-target/debug/creditd}
 WORKSPACES=${WORKSPACES:-2000}
 [ -x "$BIN" ] || { echo "no $BIN: cargo build first" >&2; exit 1; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-rport=$(free_port); cport=$(free_port)
+. benches/load/lib.sh
+cport=$(free_port)
 data=$(mktemp -d -t creditd-redis-memory.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$data"; }
 trap cleanup EXIT
-redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$data" >"$data/redis.log" 2>&1 &
-pids+=($!)
+start_redis "$data" "$data/redis.log"
+rport=$REDIS_PORT
+pids+=("$REDIS_PID")
 r() { redis-cli -p "$rport" "$@"; }
-for _ in $(seq 1 100); do r PING >/dev/null 2>&1 && break; sleep 0.1; done
 token=bench-$RANDOM
 CREDITD_STORE=redis CREDITD_REDIS_URL="redis://127.0.0.1:$rport" CREDITD_LISTEN="127.0.0.1:$cport" \
   CREDITD_DATA_DIR="$data/node" CREDITD_ADMIN_TOKEN=$token CREDITD_WORKSPACES_MAX=100000 \

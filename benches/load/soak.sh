@@ -15,6 +15,7 @@
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$repo"
+. benches/load/lib.sh
 DURATION=${DURATION:-600}; NODES=${NODES:-3}; RENAME_EVERY=${RENAME_EVERY:-60}
 ORGS=${ORGS:-20}; WORKSPACES=${WORKSPACES:-100}; RATE=${RATE:-500}; SAMPLE_EVERY=${SAMPLE_EVERY:-30}
 LEASE_TTL=${LEASE_TTL:-5s}; NODE_FORGET_AFTER=${NODE_FORGET_AFTER:-15s}
@@ -40,15 +41,11 @@ trap cleanup EXIT
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   timeout 1800 cargo build --release --locked --bin creditd
 fi
-EXPORT_TO="$data/orgs.jsonl" ORGS=$ORGS WORKSPACES=$WORKSPACES \
-  timeout 1800 cargo bench --bench cached_memory >/dev/null
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-rport=$(free_port)
-redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$data" \
-  >"$data/redis.log" 2>&1 &
-redis_pid=$!
+export_orgs "$data/orgs.jsonl" "$ORGS" "$WORKSPACES"
+start_redis "$data" "$data/redis.log"
+rport=$REDIS_PORT
+redis_pid=$REDIS_PID
 r() { redis-cli -p "$rport" "$@"; }
-for _ in $(seq 1 100); do r PING >/dev/null 2>&1 && break; sleep 0.1; done
 url="redis://127.0.0.1:$rport"
 timeout 600 "$bin" import --store redis --redis-url "$url" --from "$data/orgs.jsonl" >/dev/null
 token="soak-$RANDOM$RANDOM"
