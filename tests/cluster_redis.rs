@@ -399,7 +399,16 @@ async fn a_redis_restart_mid_load_fails_no_settlement_after_one_retry() {
     .await;
     // From then on every settle succeeds (a NOSCRIPT is answered by loading the script and
     // running it again within the same call): the error counter may move during the outage,
-    // never after.
+    // never after. A call sent during the outage (queued on the reconnecting connection) may
+    // still time out up to redis_call_timeout after that first success: the count starts once
+    // every such call has ended.
+    let outage_calls_end = Instant::now() + creditd::config::DEFAULT_REDIS_CALL_TIMEOUT;
+    eventually(
+        Duration::from_secs(30),
+        "the calls sent during the outage have ended",
+        move || async move { Instant::now() >= outage_calls_end },
+    )
+    .await;
     let metrics = cs[0].get("/metrics").await.text;
     let errors = common::metric(&metrics, "creditd_settle_errors_total");
     let batches = common::metric(&metrics, "creditd_settle_batches_total");
